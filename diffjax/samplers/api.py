@@ -49,6 +49,13 @@ _OPTIONS = {
 }
 
 
+def _is_adaptive(options):
+    adaptive = options.get("adaptive")
+    if adaptive is None:
+        adaptive = options.get("solver", "tsit5") in ("tsit5", "dopri5")
+    return adaptive
+
+
 def _grid(schedule, method, num_steps, t_start, t_end, grid):
     if grid is None:
         if method in ("ddpm", "ddim") and isinstance(schedule, DiscreteDDPM) and t_end == 0.0:
@@ -178,7 +185,14 @@ def sample(
                 raise ValueError(f"{name} must lie in the schedule's time range [0, 1]; got {v}")
         if not t_end < t_start:
             raise ValueError(f"t_end must be < t_start; got t_end={t_end}, t_start={t_start}")
-        ts = _grid(schedule, method, num_steps, t_start, t_end, grid)
+        if method == "pf_ode" and _is_adaptive(options):
+            # adaptive: the solver picks its own steps on [t_start, t_end] (num_steps is unused)
+            ends = [t_start, t_end]
+            if t_end == 0.0 and float(schedule.sigma2(0.0)) == 0.0:
+                ends = [t_start, min(float(schedule.t_min), 0.5 * t_start), 0.0]
+            ts = jnp.asarray(ends, jnp.result_type(float))
+        else:
+            ts = _grid(schedule, method, num_steps, t_start, t_end, grid)
     final_to_zero = t_end == 0.0 and float(schedule.sigma2(0.0)) == 0.0
 
     if method == "pf_ode":

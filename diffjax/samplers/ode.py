@@ -41,9 +41,9 @@ def pf_ode(denoiser: Callable, schedule: Schedule, x_T, ts, cond=None, solver: s
         raise ValueError(f"rtol and atol must be positive; got rtol={rtol}, atol={atol}")
     term = diffrax.ODETerm(lambda t, y, args: pf_ode_drift(schedule, denoiser(y, t, args), y, t))
     if adaptive:
+        # dt0=None: the controller's first-step probe reuses the FSAL evaluation at t0 once
+        # compiled; measured evaluations are 6 per step + 1 (tests/test_samplers.py counts them).
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
-        # dt0=None: the controller picks the first step from two extra evaluations
-        at_init += 2
     else:
         controller = diffrax.StepTo(ts)
         max_steps = ts.shape[0] - 1

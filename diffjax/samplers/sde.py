@@ -47,11 +47,12 @@ def langevin_step(score, x, noise, snr):
     """One Langevin corrector step with step size set by a target signal-to-noise ratio.
 
     score_sde ``LangevinCorrector``: eps = 2 (snr ||z|| / ||score||)^2,
-    x <- x + eps score + sqrt(2 eps) z, norms taken per example.
+    x <- x + eps score + sqrt(2 eps) z, with the norms averaged over the batch as score_sde does
+    (one step size per noise level; per-example norms blow the step up where the score vanishes).
     """
     axes = tuple(range(1, x.ndim))
-    g_norm = jnp.sqrt(jnp.sum(score**2, axis=axes, keepdims=True))
-    z_norm = jnp.sqrt(jnp.sum(noise**2, axis=axes, keepdims=True))
+    g_norm = jnp.mean(jnp.sqrt(jnp.sum(score**2, axis=axes)))
+    z_norm = jnp.mean(jnp.sqrt(jnp.sum(noise**2, axis=axes)))
     step = 2.0 * (snr * z_norm / jnp.maximum(g_norm, 1e-20)) ** 2
     return x + step * score + jnp.sqrt(2.0 * step) * noise
 
