@@ -217,9 +217,9 @@ class Schedule(eqx.Module):
         dtype = dtype or jnp.result_type(float)
         return self.prior_std * jax.random.normal(key, shape, dtype)
 
-    def prior_logp(self, x):
-        """log N(x; 0, sigma(1)^2 I), summed over all but the leading (batch) axis."""
-        var = self._sigma2(_as_float(1.0))
+    def prior_logp(self, x, t=1.0):
+        """log N(x; 0, sigma(t)^2 I) (the prior at t = 1 by default), summed per example."""
+        var = self._sigma2(_as_float(t))
         d = math.prod(x.shape[1:])
         sq = jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=-1)
         return -0.5 * (sq / var + d * jnp.log(2.0 * jnp.pi * var))

@@ -1,0 +1,411 @@
+"""Sampler benchmark on the closed-form Gaussian-mixture oracle (diffjax vs diffusers / k-diffusion).
+
+Problems (both on ``DiscreteDDPM.linear()``, Ho's betas 1e-4..0.02, N = 1000):
+  ring  : ``ring_mixture()`` (2-D, 8 modes), n = 2000 samples
+  gmm32 : ``random_mixture(PRNGKey(1), dim=32, num_components=4)``, n = 2000 samples
+
+Convention (the same for every sampler, diffjax and peers): start at t = 1 (Ho step 1000, diffusers
+timestep 999) from the same x_T ~ N(0, I) (converted to x / alpha for sigma-space samplers), integrate
+down to t = 1/1000 (Ho step 1, diffusers timestep 0, sigma_VP = 0.01) and finish with the exact step
+to sigma = 0, i.e. x_0 = E[x_0 | x_{1/1000}] (diffjax: ``t_end=0.0``; one model evaluation). The
+reference endpoint is the same with the PF-ODE solved by Tsit5 at rtol = atol = 1e-6 (float32);
+its convergence is checked against rtol = atol = 1e-5.
+
+Metrics: SW = sliced W1 (256 projections, fixed key) to n exact data samples, with the floor = SW
+between two independent exact samples of size n; for deterministic samplers also
+RMS = sqrt(mean((x - x_ref)^2)) over all samples and coordinates, x_ref the exact PF-ODE endpoint
+from the same x_T. NFE = model evaluations actually made (as returned by diffjax / counted in the
+peers' model wrapper). Wall = median post-compile wall time of the whole sampling call.
+
+NFE budget B: num_steps S is the largest with k (S - 1) + 1 <= B for a k-evaluation-per-step method
+(the final denoising step costs one evaluation), so the reported NFE can be B - 1 or B - 2 for k > 1.
+
+Commands:
+  python experiments/bench_samplers.py --quick            # < 3 min: ring only, NFE 10 and 20
+  python experiments/bench_samplers.py                    # full: both problems, NFE 5..100
+  python experiments/bench_samplers.py --overhead         # framework overhead on a small U-Net
+  # peers (read experiments/results/<problem>_problem.npz written by the runs above):
+  python experiments/peers/diffusers_peer.py [--quick]                       # needs torch + diffusers
+  /work/venvs/kdiff/bin/python experiments/peers/kdiffusion_peer.py [--quick]  # k-diffusion venv
+  python experiments/bench_samplers.py [--quick] --merge-only   # recompute table incl. peer outputs
+  # or all in one go:
+  python experiments/bench_samplers.py [--quick] --run-peers \\
+      --diffusers-python python --kdiff-python /work/venvs/kdiff/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Persistent compilation cache: re-runs (and --merge-only) skip most XLA compiles.
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                             "results", ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+import diffjax
+from diffjax.metrics import sliced_wasserstein
+from diffjax.testing.gmm import random_mixture, ring_mixture
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+FULL_NFES = (5, 10, 20, 50, 100)
+QUICK_NFES = (10, 20)
+ADAPTIVE_TOLS = (1e-2, 1e-3, 1e-4)
+# Adaptive pf_ode "ignores num_steps", but with t_end=0.0 and num_steps=1 diffjax's grid is
+# [t_start, 0] and the ODE is never solved (only the final denoise at t_start runs, NFE 1): use 2,
+# which gives the grid [t_start, t_min, 0] -> adaptive solve t_start..t_min, then the exact denoise.
+ADAPTIVE_STEPS = 2
+
+# label -> (method, evaluations per step, deterministic, options, grid)
+METHOD_SPECS = {
+    "ddpm": ("ddpm", 1, False, {}, "time_uniform"),
+    "ddim": ("ddim", 1, True, {}, "time_uniform"),
+    "ddim[ddim_linear]": ("ddim", 1, True, {}, None),  # the default grid on DiscreteDDPM, t_end=0
+    "euler_maruyama": ("euler_maruyama", 1, False, {}, None),
+    "pc": ("pc", 2, False, {}, None),
+    "pf_ode[euler]": ("pf_ode", 1, True, {"solver": "euler"}, None),
+    "pf_ode[heun]": ("pf_ode", 2, True, {"solver": "heun"}, None),
+    "dpm_solver_1": ("dpm_solver_1", 1, True, {}, None),
+    "dpm_solver_2": ("dpm_solver_2", 2, True, {}, None),
+    "dpm_solver_3": ("dpm_solver_3", 3, True, {}, None),
+    "dpm_solver++_2m": ("dpm_solver++_2m", 1, True, {}, None),
+}
+FULL_EXTRA = {
+    "dpm_solver_3[time_uniform]": ("dpm_solver_3", 3, True, {}, "time_uniform"),
+    "dpm_solver_3[time_quadratic]": ("dpm_solver_3", 3, True, {}, "time_quadratic"),
+    "dpm_solver++_2m[time_uniform]": ("dpm_solver++_2m", 1, True, {}, "time_uniform"),
+    "dpm_solver++_2m[time_quadratic]": ("dpm_solver++_2m", 1, True, {}, "time_quadratic"),
+}
+
+
+# --quick keeps the run under ~3 min on 2 cores (each (method, NFE) is one XLA compile)
+QUICK_SKIP = {"ddim[ddim_linear]", "euler_maruyama", "pf_ode[euler]", "dpm_solver_1"}
+
+
+def steps_for_budget(budget, per_step):
+    return (budget - 1) // per_step + 1
+
+
+def timed(fn, reps):
+    out = jax.block_until_ready(fn())  # compile + first run
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
+def make_problem(name, n):
+    sched = diffjax.DiscreteDDPM.linear()
+    if name == "ring":
+        g = ring_mixture()
+    elif name == "gmm32":
+        g = random_mixture(jax.random.PRNGKey(1), dim=32, num_components=4)
+    else:
+        raise ValueError(name)
+    x_T = sched.prior_sample(jax.random.PRNGKey(10), (n, g.dim))
+    exact1 = g.sample(jax.random.PRNGKey(11), n)[0]
+    exact2 = g.sample(jax.random.PRNGKey(12), n)[0]
+    return sched, g, x_T, exact1, exact2
+
+
+def rms(a, b):
+    return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
+
+
+def run_problem(name, n, nfes, full, reps):
+    sched, g, x_T, exact1, exact2 = make_problem(name, n)
+    model_fn = g.model_fn(sched, "eps")  # one object: the jit cache keys on it
+    sw_key = jax.random.PRNGKey(13)
+    sample_key = jax.random.PRNGKey(14)
+
+    def sw(x):
+        return float(sliced_wasserstein(jnp.asarray(x, jnp.float32), exact1, sw_key))
+
+    floor = sw(exact2)
+    t0 = time.perf_counter()
+    ref, ref_nfe = diffjax.sample(model_fn, sched, x_T, method="pf_ode", num_steps=ADAPTIVE_STEPS,
+                                  solver="tsit5", rtol=1e-6, atol=1e-6, t_end=0.0, return_nfe=True)
+    ref = jax.block_until_ready(ref)
+    ref_time = time.perf_counter() - t0
+    ref5, ref5_nfe = diffjax.sample(model_fn, sched, x_T, method="pf_ode",
+                                    num_steps=ADAPTIVE_STEPS, solver="tsit5", rtol=1e-5, atol=1e-5, t_end=0.0, return_nfe=True)
+    info = dict(problem=name, n=n, dim=g.dim, floor_sw=floor, ref_nfe=ref_nfe,
+                ref_vs_rtol1e5_rms=rms(ref, ref5), ref5_nfe=ref5_nfe, ref_sw=sw(ref),
+                ref_time_incl_compile_s=ref_time)
+    print(f"[{name}] floor SW {floor:.4f}  ref SW {info['ref_sw']:.4f}  ref NFE {ref_nfe}  "
+          f"|ref(1e-6) - ref(1e-5)| RMS {info['ref_vs_rtol1e5_rms']:.2e}", flush=True)
+    os.makedirs(RESULTS, exist_ok=True)
+    np.savez(os.path.join(RESULTS, f"{name}_problem.npz"),
+             weights=np.asarray(g.weights), means=np.asarray(g.means),
+             variances=np.asarray(g.variances), x_T=np.asarray(x_T), ref=np.asarray(ref),
+             exact1=np.asarray(exact1), alphas_cumprod=np.asarray(sched.alphas_cumprod),
+             nfes=np.asarray(nfes))
+
+    rows = []
+    specs = dict(METHOD_SPECS, **(FULL_EXTRA if full else {}))
+    for budget in nfes:
+        for label, (method, k, det, opts, grid) in specs.items():
+            steps = steps_for_budget(budget, k)
+            if label in FULL_EXTRA and budget not in (10, 20):
+                continue
+            if not full and label in QUICK_SKIP:
+                continue
+            if steps < 2:
+                continue
+            kw = dict(method=method, num_steps=steps, t_end=0.0, return_nfe=True, **opts)
+            if grid is not None:
+                kw["grid"] = grid
+            if not det:
+                kw["key"] = sample_key
+            try:
+                (x, nfe), wall = timed(lambda: diffjax.sample(model_fn, sched, x_T, **kw), reps)
+            except Exception as e:  # report, don't die
+                print(f"  {label} NFE {budget}: FAILED {type(e).__name__}: {e}", flush=True)
+                rows.append(dict(lib="diffjax", label=label, budget=budget, error=str(e)))
+                continue
+            row = dict(lib="diffjax", label=label, budget=budget, steps=steps, nfe=int(nfe),
+                       deterministic=det, sw=sw(x), rms=rms(x, ref) if det else None, wall_s=wall,
+                       finite=bool(np.all(np.isfinite(np.asarray(x)))))
+            rows.append(row)
+            print(f"  {label:32s} B={budget:3d} S={steps:3d} NFE={nfe:3d} SW={row['sw']:.4f} "
+                  f"RMS={row['rms'] if det else float('nan'):.2e} wall={wall*1e3:.1f}ms", flush=True)
+    for tol in (ADAPTIVE_TOLS if full else (1e-3,)):
+        kw = dict(method="pf_ode", num_steps=ADAPTIVE_STEPS, solver="tsit5", rtol=tol, atol=tol, t_end=0.0,
+                  return_nfe=True)
+        (x, nfe), wall = timed(lambda: diffjax.sample(model_fn, sched, x_T, **kw), reps)
+        rows.append(dict(lib="diffjax", label=f"pf_ode[tsit5 adaptive tol={tol:g}]", budget=None,
+                         steps=None, nfe=int(nfe), deterministic=True, sw=sw(x), rms=rms(x, ref),
+                         wall_s=wall, finite=bool(np.all(np.isfinite(np.asarray(x))))))
+        print(f"  tsit5 tol={tol:g}: NFE={nfe} SW={rows[-1]['sw']:.4f} RMS={rows[-1]['rms']:.2e}",
+              flush=True)
+    return info, rows
+
+
+def merge_peers(name, info, reps_rows):
+    """Load peer outputs (experiments/results/peer_<lib>_<problem>.{json,npz}); score them here."""
+    data = np.load(os.path.join(RESULTS, f"{name}_problem.npz"))
+    exact1, ref = jnp.asarray(data["exact1"]), data["ref"]
+    sw_key = jax.random.PRNGKey(13)
+    rows = []
+    for lib in ("diffusers", "kdiffusion"):
+        meta_path = os.path.join(RESULTS, f"peer_{lib}_{name}.json")
+        if not os.path.exists(meta_path):
+            continue
+        meta = json.load(open(meta_path))
+        outs = np.load(os.path.join(RESULTS, f"peer_{lib}_{name}.npz"))
+        info.setdefault("peer_versions", {})[lib] = meta.get("versions")
+        for r in meta["runs"]:
+            x = outs[r["key"]]
+            row = dict(lib=lib, label=r["label"], budget=r["budget"], steps=r["steps"],
+                       nfe=r["nfe"], deterministic=r["deterministic"],
+                       sw=float(sliced_wasserstein(jnp.asarray(x, jnp.float32), exact1, sw_key)),
+                       rms=rms(x, ref) if r["deterministic"] else None, wall_s=r["wall_s"],
+                       finite=bool(np.all(np.isfinite(x))))
+            rows.append(row)
+    return rows
+
+
+def fmt_table(info, rows):
+    lines = [f"**{info['problem']}** (dim {info['dim']}, n = {info['n']}): SW floor (two exact "
+             f"samples) = **{info['floor_sw']:.4f}**; reference endpoint SW = {info['ref_sw']:.4f} "
+             f"(Tsit5 rtol=atol=1e-6, {info['ref_nfe']} NFE; RMS to the rtol=1e-5 solve "
+             f"({info['ref5_nfe']} NFE) = {info['ref_vs_rtol1e5_rms']:.1e})", "",
+             "| budget | lib | sampler | steps | NFE used | SW (floor %.4f) | ODE-endpoint RMS | wall (ms) |"
+             % info["floor_sw"],
+             "|---|---|---|---|---|---|---|---|"]
+    key = lambda r: (r["budget"] if r["budget"] is not None else 10**9, r["lib"] != "diffjax",
+                     r["lib"], r["label"])
+    for r in sorted(rows, key=key):
+        if "error" in r:
+            lines.append(f"| {r['budget']} | {r['lib']} | {r['label']} | | | FAILED: {r['error'][:80]} | | |")
+            continue
+        b = "adaptive" if r["budget"] is None else str(r["budget"])
+        rm = "-" if r["rms"] is None else f"{r['rms']:.2e}"
+        fin = "" if r.get("finite", True) else " (non-finite!)"
+        lines.append(f"| {b} | {r['lib']} | {r['label']} | {r['steps'] or '-'} | {r['nfe']} | "
+                     f"{r['sw']:.4f}{fin} | {rm} | {r['wall_s']*1e3:.1f} |")
+    return "\n".join(lines)
+
+
+def fmt_matrix(info, rows, nfes):
+    """Compact view: one line per sampler, ODE-endpoint RMS (deterministic) or SW (stochastic) per budget."""
+    cells = {}
+    for r in rows:
+        if "error" in r or r["budget"] is None:
+            continue
+        v = f"{r['rms']:.2e}" if r["deterministic"] else f"SW {r['sw']:.3f}"
+        cells.setdefault((r["lib"], r["label"]), {})[r["budget"]] = f"{v} ({r['nfe']})"
+    head = "| lib | sampler | " + " | ".join(f"B={b}" for b in nfes) + " |"
+    lines = [f"**{info['problem']}**: ODE-endpoint RMS (NFE used) for deterministic samplers, "
+             f"SW (floor {info['floor_sw']:.4f}) for stochastic ones", "", head,
+             "|" + "---|" * (len(nfes) + 2)]
+    for (lib, label), c in sorted(cells.items(), key=lambda kv: (kv[0][0] != "diffjax", kv[0])):
+        lines.append(f"| {lib} | {label} | " + " | ".join(c.get(b, "-") for b in nfes) + " |")
+    return "\n".join(lines)
+
+
+def verdict(info, rows, budgets=(10, 20)):
+    out = []
+    for b in budgets:
+        det = [r for r in rows if r.get("budget") == b and r.get("deterministic") and "error" not in r]
+        dj = [r for r in det if r["lib"] == "diffjax"]
+        peers = [r for r in det if r["lib"] != "diffjax"]
+        if not dj or not peers:
+            out.append(f"NFE {b}: no peer results in this run")
+            continue
+        best = min(dj, key=lambda r: r["rms"])
+        best_peer = min(peers, key=lambda r: r["rms"])
+        ok = best["rms"] < best_peer["rms"]
+        out.append(f"NFE {b}: diffjax best {best['label']} RMS {best['rms']:.4e} vs best peer "
+                   f"{best_peer['lib']} {best_peer['label']} RMS {best_peer['rms']:.4e} -> "
+                   f"{'MET' if ok else 'NOT MET'}")
+    return out
+
+
+# ---- framework overhead on a small conv U-Net ---------------------------------------------------
+
+
+def overhead(reps=7):
+    import flax.linen as nn
+
+    class ResBlock(nn.Module):
+        ch: int
+
+        @nn.compact
+        def __call__(self, x, temb):
+            h = nn.Conv(self.ch, (3, 3))(nn.silu(nn.GroupNorm(num_groups=8)(x)))
+            h = h + nn.Dense(self.ch)(temb)[:, None, None, :]
+            h = nn.Conv(self.ch, (3, 3))(nn.silu(nn.GroupNorm(num_groups=8)(h)))
+            if x.shape[-1] != self.ch:
+                x = nn.Conv(self.ch, (1, 1))(x)
+            return x + h
+
+    class UNet(nn.Module):
+        chs: tuple = (48, 96, 160)
+
+        @nn.compact
+        def __call__(self, x, t):
+            half = 64
+            freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(half) / half)
+            emb = t[:, None] * freqs[None]
+            temb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+            temb = nn.Dense(256)(nn.silu(nn.Dense(256)(temb)))
+            h = nn.Conv(self.chs[0], (3, 3))(x)
+            skips = []
+            for i, ch in enumerate(self.chs):
+                h = ResBlock(ch)(h, temb)
+                skips.append(h)
+                if i < len(self.chs) - 1:
+                    h = nn.Conv(ch, (3, 3), strides=(2, 2))(h)
+            h = ResBlock(self.chs[-1])(h, temb)
+            for i, ch in reversed(list(enumerate(self.chs))):
+                if i < len(self.chs) - 1:
+                    b, hh, ww, c = h.shape
+                    h = jax.image.resize(h, (b, hh * 2, ww * 2, c), "nearest")
+                h = ResBlock(ch)(jnp.concatenate([h, skips[i]], axis=-1), temb)
+            return nn.Conv(3, (3, 3))(nn.silu(nn.GroupNorm(num_groups=8)(h)))
+
+    sched = diffjax.DiscreteDDPM.linear()
+    net = UNet()
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 32, 32, 3))
+    params = net.init(jax.random.PRNGKey(1), x, jnp.ones((16,)))
+    n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
+
+    def model_fn(x, t, cond=None):
+        return net.apply(params, x, sched.index(t))
+
+    call = jax.jit(model_fn)
+    t = jnp.full((16,), 0.5)
+    jax.block_until_ready(call(x, t))
+    ts = []
+    for _ in range(3 * reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call(x, t))
+        ts.append(time.perf_counter() - t0)
+    t_model = statistics.median(ts)
+    print(f"U-Net params {n_params/1e6:.2f}M, T_model median {t_model*1e3:.2f} ms "
+          f"(min {min(ts)*1e3:.2f})", flush=True)
+    rows = []
+    x_T = sched.prior_sample(jax.random.PRNGKey(2), (16, 32, 32, 3))
+    for method, k in (("ddim", 1), ("dpm_solver++_2m", 1), ("dpm_solver_3", 3)):
+        steps = steps_for_budget(20, k)
+        kw = dict(method=method, num_steps=steps, t_end=0.0, return_nfe=True)
+        (xs, nfe), wall = timed(lambda: diffjax.sample(model_fn, sched, x_T, **kw), reps)
+        ratio = wall / (nfe * t_model)
+        rows.append(dict(method=method, steps=steps, nfe=nfe, wall_s=wall, t_model_s=t_model,
+                         overhead=ratio))
+        print(f"  {method:16s} S={steps} NFE={nfe} wall {wall*1e3:.1f} ms  "
+              f"overhead {ratio:.3f}", flush=True)
+    return dict(n_params=int(n_params), t_model_s=t_model, t_model_min_s=min(ts), rows=rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--overhead", action="store_true", help="only the U-Net overhead benchmark")
+    ap.add_argument("--merge-only", action="store_true",
+                    help="reuse results/diffjax_<mode>.json, merge peer outputs, print tables")
+    ap.add_argument("--run-peers", action="store_true")
+    ap.add_argument("--diffusers-python", default=sys.executable)
+    ap.add_argument("--kdiff-python", default="/work/venvs/kdiff/bin/python")
+    args = ap.parse_args()
+    os.makedirs(RESULTS, exist_ok=True)
+    if args.overhead:
+        res = overhead()
+        json.dump(res, open(os.path.join(RESULTS, "overhead.json"), "w"), indent=1)
+        return
+    mode = "quick" if args.quick else "full"
+    problems = [("ring", 2000)] if args.quick else [("ring", 2000), ("gmm32", 2000)]
+    nfes = QUICK_NFES if args.quick else FULL_NFES
+    dj_path = os.path.join(RESULTS, f"diffjax_{mode}.json")
+    if args.merge_only:
+        dj = json.load(open(dj_path))
+    else:
+        dj = {}
+        for name, n in problems:
+            info, rows = run_problem(name, n, nfes, full=not args.quick, reps=3)
+            dj[name] = dict(info=info, rows=rows)
+        dj["meta"] = dict(jax=jax.__version__, mode=mode, nfes=list(nfes),
+                          backend=jax.default_backend(), cpu_count=os.cpu_count())
+        json.dump(dj, open(dj_path, "w"), indent=1)
+    if args.run_peers:
+        flag = ["--quick"] if args.quick else []
+        for py, script in ((args.diffusers_python, "diffusers_peer.py"),
+                           (args.kdiff_python, "kdiffusion_peer.py")):
+            cmd = [py, os.path.join(HERE, "peers", script)] + flag
+            print("running", " ".join(cmd), flush=True)
+            r = subprocess.run(cmd)
+            if r.returncode:
+                print(f"peer {script} failed with exit code {r.returncode}", flush=True)
+    md = []
+    for name, _ in problems:
+        info, rows = dj[name]["info"], list(dj[name]["rows"])
+        rows += merge_peers(name, info, rows)
+        md.append(fmt_matrix(info, rows, dj["meta"]["nfes"]))
+        md.append("")
+        md.append(fmt_table(info, rows))
+        md.append("")
+        md += ["- " + v for v in verdict(info, rows)]
+        md.append("")
+        dj[name]["merged_rows"] = rows
+    text = "\n".join(md)
+    print(text)
+    open(os.path.join(RESULTS, f"samplers_{mode}.md"), "w").write(text + "\n")
+    json.dump(dj, open(os.path.join(RESULTS, f"merged_{mode}.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""diffusers schedulers driven by the exact Gaussian-mixture oracle (peer for bench_samplers.py).
+
+Reads experiments/results/<problem>_problem.npz (mixture parameters, x_T, written by
+bench_samplers.py) and writes experiments/results/peer_diffusers_<problem>.{json,npz} (final samples,
+NFE counted in the model wrapper, wall time); bench_samplers.py --merge-only scores them with the
+same metrics as diffjax.
+
+Schedule: diffusers' own "linear" betas 1e-4..0.02, 1000 steps (= DiscreteDDPM.linear()). The oracle
+is the closed-form E[eps | x_t] of diffjax/testing/gmm.py re-implemented in torch (float64 inside);
+at an integer timestep tau it uses alpha_bar = scheduler.alphas_cumprod[tau] (our t = (tau+1)/1000), as
+a network trained on the discrete chain would. EulerDiscreteScheduler's (fractional) timesteps are
+evaluated at the scheduler's own sigma: its model input scale_model_input(x) = x / sqrt(1 + sigma^2)
+is the VP x_t with alpha = 1/sqrt(1+sigma^2); x_T is converted to x_T * sqrt(1 + sigma_max^2).
+
+Every sampler starts at timestep 999 (t = 1) from the same x_T and ends with a step to sigma = 0
+(DDIM: timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False; the others their
+defaults, final_sigmas_type="zero").
+
+Usage: python experiments/peers/diffusers_peer.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+import diffusers
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       UniPCMultistepScheduler)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(os.path.dirname(HERE), "results")
+LOG_2PI = math.log(2 * math.pi)
+
+
+class Oracle:
+    """E[eps | x_t] for x_t = alpha x_0 + sigma eps, x_0 ~ sum_k w_k N(mu_k, diag(s_k^2))."""
+
+    def __init__(self, weights, means, variances):
+        self.logw = torch.log(torch.as_tensor(weights, dtype=torch.float64))
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.var = torch.as_tensor(variances, dtype=torch.float64)
+        self.nfe = 0
+
+    def eps(self, x, alpha, sigma):
+        self.nfe += 1
+        x64 = x.to(torch.float64)
+        alpha = torch.as_tensor(alpha, dtype=torch.float64)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        var = alpha**2 * self.var + sigma**2  # (K, D)
+        diff = x64[:, None, :] - alpha * self.means[None]  # (B, K, D)
+        log_comp = -0.5 * torch.sum(diff**2 / var + torch.log(var) + LOG_2PI, dim=-1)
+        resp = torch.softmax(log_comp + self.logw[None], dim=-1)[..., None]
+        return (sigma * torch.sum(resp * diff / var, dim=1)).to(x.dtype)
+
+
+def run_discrete(sched, oracle, x_T, steps):
+    """DDIM / DPM-Solver / UniPC: model input is the VP x_t at integer timestep tau."""
+    sched.set_timesteps(steps)
+    ac = sched.alphas_cumprod.to(torch.float64)
+    x = x_T.clone() * sched.init_noise_sigma
+    for tau in sched.timesteps:
+        a2 = ac[int(tau)]
+        eps = oracle.eps(x, torch.sqrt(a2), torch.sqrt(1 - a2))
+        x = sched.step(eps, tau, x).prev_sample
+    return x
+
+
+def run_euler(sched, oracle, x_T, steps):
+    sched.set_timesteps(steps)
+    x = x_T.clone() * torch.sqrt(1 + sched.sigmas[0].to(torch.float64) ** 2).to(x_T.dtype)
+    for tau in sched.timesteps:
+        x_in = sched.scale_model_input(x, tau)
+        s = sched.sigmas[sched.step_index].to(torch.float64)
+        eps = oracle.eps(x_in, 1 / torch.sqrt(1 + s**2), s / torch.sqrt(1 + s**2))
+        x = sched.step(eps, tau, x).prev_sample
+    return x
+
+
+def configs():
+    common = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    return {
+        "DDIM[trailing]": (lambda: DDIMScheduler(**common, timestep_spacing="trailing",
+                                                 set_alpha_to_one=True, clip_sample=False),
+                           run_discrete),
+        "DPMSolverMultistep[++2M]": (lambda: DPMSolverMultistepScheduler(**common), run_discrete),
+        "DPMSolverMultistep[++2M,lu_lambdas]": (
+            lambda: DPMSolverMultistepScheduler(**common, use_lu_lambdas=True), run_discrete),
+        "DPMSolverMultistep[++2M,karras]": (
+            lambda: DPMSolverMultistepScheduler(**common, use_karras_sigmas=True), run_discrete),
+        "DPMSolverMultistep[++3M]": (
+            lambda: DPMSolverMultistepScheduler(**common, solver_order=3), run_discrete),
+        "UniPCMultistep[bh2]": (lambda: UniPCMultistepScheduler(**common), run_discrete),
+        "UniPCMultistep[bh2,order3]": (
+            lambda: UniPCMultistepScheduler(**common, solver_order=3), run_discrete),
+        "EulerDiscrete": (lambda: EulerDiscreteScheduler(**common), run_euler),
+        "EulerDiscrete[karras]": (lambda: EulerDiscreteScheduler(**common, use_karras_sigmas=True),
+                                  run_euler),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    problems = ["ring"] if args.quick else ["ring", "gmm32"]
+    for name in problems:
+        path = os.path.join(RESULTS, f"{name}_problem.npz")
+        if not os.path.exists(path):
+            print(f"skip {name}: {path} missing (run bench_samplers.py first)")
+            continue
+        d = np.load(path)
+        nfes = [int(b) for b in d["nfes"]]
+        oracle = Oracle(d["weights"], d["means"], d["variances"])
+        x_T = torch.as_tensor(d["x_T"], dtype=torch.float32)
+        runs, outs = [], {}
+        for label, (make, runner) in configs().items():
+            for budget in nfes:
+                steps = budget  # one evaluation per step, the last one to sigma = 0
+                try:
+                    times = []
+                    for _ in range(args.reps):
+                        sched = make()
+                        oracle.nfe = 0
+                        t0 = time.perf_counter()
+                        with torch.no_grad():
+                            x = runner(sched, oracle, x_T, steps)
+                        times.append(time.perf_counter() - t0)
+                except Exception as e:
+                    print(f"  {label} NFE {budget}: FAILED {type(e).__name__}: {e}", flush=True)
+                    continue
+                key = f"{label}@{budget}"
+                outs[key] = x.numpy()
+                runs.append(dict(key=key, label=label, budget=budget, steps=steps, nfe=oracle.nfe,
+                                 deterministic=True, wall_s=float(np.median(times)),
+                                 timesteps=[float(t) for t in sched.timesteps]))
+                print(f"  {name} {label:38s} B={budget:3d} NFE={oracle.nfe:3d} "
+                      f"wall={np.median(times)*1e3:.1f}ms", flush=True)
+        np.savez(os.path.join(RESULTS, f"peer_diffusers_{name}.npz"), **outs)
+        json.dump(dict(versions=dict(diffusers=diffusers.__version__, torch=torch.__version__),
+                       runs=runs), open(os.path.join(RESULTS, f"peer_diffusers_{name}.json"), "w"),
+                  indent=1)
+
+
+if __name__ == "__main__":
+    main()
