@@ -50,7 +50,10 @@ def discrete_subsequence(schedule: DiscreteDDPM, num_steps: int, kind: str = "li
     """A DDIM sub-sequence of Ho's steps, as times tau_i / N, from the last step down to t = 0.
 
     ``linear``: tau_i = floor(c i) + 1 with c = N / S; ``quadratic``: tau_i = floor(c i^2) + 1 with
-    c = 0.8 N / S^2 (DDIM appendix C.1), i = 0..S-1, 1-based; the chain ends at t = 0 (x_0).
+    c = 0.8 N / S^2 (DDIM appendix C.1), i = 0..S-1, 1-based. Both "leading" sequences start below
+    step N (e.g. 901 of 1000), so x_T belongs to that first time. ``trailing``: tau_i = round(N - c i)
+    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2)
+    starts at step N. The chain ends at t = 0 (x_0).
     """
     _check_steps(num_steps)
     n = schedule.num_timesteps
@@ -61,8 +64,10 @@ def discrete_subsequence(schedule: DiscreteDDPM, num_steps: int, kind: str = "li
         tau = np.floor(i * (n / num_steps)).astype(int)
     elif kind == "quadratic":
         tau = np.floor((np.sqrt(0.8 * n) * i / max(num_steps - 1, 1)) ** 2).astype(int)
+    elif kind == "trailing":
+        tau = np.round(n - i * (n / num_steps)).astype(int) - 1
     else:
-        raise ValueError(f"kind must be 'linear' or 'quadratic'; got {kind!r}")
+        raise ValueError(f"kind must be 'linear', 'quadratic' or 'trailing'; got {kind!r}")
     tau = np.unique(tau) + 1  # 0-based -> Ho's 1-based steps
     if tau.size != num_steps:
         raise ValueError(f"{kind} sub-sequence of {num_steps} steps has repeated steps for N = {n}")

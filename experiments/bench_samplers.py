@@ -71,7 +71,7 @@ ADAPTIVE_STEPS = 2
 METHOD_SPECS = {
     "ddpm": ("ddpm", 1, False, {}, "time_uniform"),
     "ddim": ("ddim", 1, True, {}, "time_uniform"),
-    "ddim[ddim_linear]": ("ddim", 1, True, {}, None),  # the default grid on DiscreteDDPM, t_end=0
+    "ddim[ddim_trailing]": ("ddim", 1, True, {}, None),  # the default grid on DiscreteDDPM, t_end=0
     "euler_maruyama": ("euler_maruyama", 1, False, {}, None),
     "pc": ("pc", 2, False, {}, None),
     "pf_ode[euler]": ("pf_ode", 1, True, {"solver": "euler"}, None),
@@ -80,17 +80,20 @@ METHOD_SPECS = {
     "dpm_solver_2": ("dpm_solver_2", 2, True, {}, None),
     "dpm_solver_3": ("dpm_solver_3", 3, True, {}, None),
     "dpm_solver++_2m": ("dpm_solver++_2m", 1, True, {}, None),
+    "dpm_solver++_3m": ("dpm_solver++_3m", 1, True, {}, None),
 }
 FULL_EXTRA = {
     "dpm_solver_3[time_uniform]": ("dpm_solver_3", 3, True, {}, "time_uniform"),
     "dpm_solver_3[time_quadratic]": ("dpm_solver_3", 3, True, {}, "time_quadratic"),
     "dpm_solver++_2m[time_uniform]": ("dpm_solver++_2m", 1, True, {}, "time_uniform"),
     "dpm_solver++_2m[time_quadratic]": ("dpm_solver++_2m", 1, True, {}, "time_quadratic"),
+    "dpm_solver++_3m[time_uniform]": ("dpm_solver++_3m", 1, True, {}, "time_uniform"),
+    "dpm_solver++_3m[time_quadratic]": ("dpm_solver++_3m", 1, True, {}, "time_quadratic"),
 }
 
 
 # --quick keeps the run under ~3 min on 2 cores (each (method, NFE) is one XLA compile)
-QUICK_SKIP = {"ddim[ddim_linear]", "euler_maruyama", "pf_ode[euler]", "dpm_solver_1"}
+QUICK_SKIP = {"ddim[ddim_trailing]", "euler_maruyama", "pf_ode[euler]", "dpm_solver_1"}
 
 
 def steps_for_budget(budget, per_step):
@@ -352,6 +355,23 @@ def overhead(reps=7):
     return dict(n_params=int(n_params), t_model_s=t_model, t_model_min_s=min(ts), rows=rows)
 
 
+BEGIN = "<!-- samplers-results:begin (written by experiments/bench_samplers.py) -->"
+END = "<!-- samplers-results:end -->"
+
+
+def write_benchmarks_section(text):
+    """Replace the results block of BENCHMARKS.md (between the markers) with this run's tables."""
+    path = os.path.join(HERE, "..", "BENCHMARKS.md")
+    doc = open(path).read()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{path} lacks the samplers result markers")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    stamp = (f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"`python experiments/bench_samplers.py`, {os.cpu_count()} CPU cores, jax {jax.__version__}.")
+    open(path, "w").write(head + BEGIN + "\n" + stamp + "\n\n" + text + "\n" + END + tail)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -404,6 +424,8 @@ def main():
     text = "\n".join(md)
     print(text)
     open(os.path.join(RESULTS, f"samplers_{mode}.md"), "w").write(text + "\n")
+    if mode == "full":
+        write_benchmarks_section(text)
     json.dump(dj, open(os.path.join(RESULTS, f"merged_{mode}.json"), "w"), indent=1)
 
 

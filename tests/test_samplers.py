@@ -123,12 +123,55 @@ def test_convergence_orders(method, expected):
     assert np.all(np.abs(orders - expected) < 0.35), (errs, orders)
 
 
+def test_dpm_solver_pp_multistep_local_orders():
+    """One DPM-Solver++ step fed the exact history: local error O(h^3) for 2M, O(h^4) for 3M."""
+    from diffjax.samplers.dpm_solver import DPMSolverPPMultistep, prediction_term
+
+    with jax.enable_x64(True):
+        s = diffjax.VPLinear()
+        g = random_mixture(jax.random.PRNGKey(7), dim=3, num_components=3, std_range=(0.3, 0.6))
+        term = prediction_term(make_denoiser(g.model_fn(s, "eps"), s, "eps"), s, "x0")
+        x_T = s.prior_sample(KEY, (16, 3), jnp.float64)
+        lam0 = float(s.log_snr(0.3))
+        hs = [0.2, 0.1, 0.05]
+        lams = sorted({lam0 + k * h for h in hs for k in (-2, -1, 0, 1)})
+        ts = jnp.asarray([1.0] + [float(s.t_from_log_snr(l)) for l in lams])
+        # the exact PF-ODE states at every needed log-SNR, from one tight solve through them
+        import diffrax
+
+        vf = lambda t, y, a: diffjax.sde.pf_ode_drift(s, make_denoiser(g.model_fn(s), s)(y, t), y, t)
+        sol = diffrax.diffeqsolve(diffrax.ODETerm(vf), diffrax.Tsit5(), 1.0, float(ts[-1]), None, x_T,
+                                  stepsize_controller=diffrax.PIDController(rtol=1e-12, atol=1e-12),
+                                  saveat=diffrax.SaveAt(ts=ts), max_steps=100000)
+        exact = dict(zip(lams, sol.ys[1:]))
+        for order, expected in ((2, 3.0), (3, 4.0)):
+            errs = []
+            for h in hs:
+                l2, l1, l0, lt = (lam0 + k * h for k in (-2, -1, 0, 1))
+                m1, m2 = term.vf(l1, exact[l1], None), term.vf(l2, exact[l2], None)
+                state = (m1, m2, jnp.asarray(h), jnp.asarray(h), jnp.array(2))
+                y = DPMSolverPPMultistep(s, order).step(term, l0, lt, exact[l0], None, state, False)[0]
+                errs.append(float(jnp.sqrt(jnp.mean((y - exact[lt]) ** 2))))
+            orders = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
+            assert orders[-1] > expected - 0.5, (order, errs, orders)
+
+
+def test_dpm_solver_pp_3m_global():
+    """3M after its first-order warm-up step (as the reference code): the warm-up's O(h^2) error
+    bounds the asymptotic global order at 2, but 3M's error is below 2M's and the gap grows."""
+    steps = [16, 32, 64]
+    e3, e2 = _order_errors("dpm_solver++_3m", steps), _order_errors("dpm_solver++_2m", steps)
+    assert np.all(np.log2(e3[:-1] / e3[1:]) > 1.8), e3
+    assert np.all(e3 < 0.8 * e2) and e3[-1] < 0.5 * e2[-1], (e3, e2)
+
+
 METHOD_OPTIONS = {"pf_ode": {"rtol": 1e-4, "atol": 1e-4}}
 
 
 @pytest.mark.parametrize("method, num_steps", [
     ("ddpm", 200), ("ddim", 50), ("euler_maruyama", 200), ("pc", 200), ("pf_ode", 1),
     ("dpm_solver_1", 50), ("dpm_solver_2", 20), ("dpm_solver_3", 15), ("dpm_solver++_2m", 20),
+    ("dpm_solver++_3m", 20),
 ])
 def test_distribution_error_small(method, num_steps):
     n = 2000
@@ -216,7 +259,9 @@ def test_ddim_quadratic_and_respaced_grids():
     tl = discrete_subsequence(sched, 10, "linear")
     chex.assert_trees_all_close(tl[:-1] * 1000, jnp.arange(901, 0, -100).astype(jnp.float32), atol=1e-3)
     x_T = sched.prior_sample(KEY, (16, 2))
-    for grid in ("ddim_linear", "ddim_quadratic"):
+    tt = discrete_subsequence(sched, 10, "trailing")
+    chex.assert_trees_all_close(tt * 1000, jnp.array([1000.0, 900, 800, 700, 600, 500, 400, 300, 200, 100, 0]), atol=1e-3)
+    for grid in ("ddim_linear", "ddim_quadratic", "ddim_trailing"):
         x = diffjax.sample(RING.model_fn(sched, "eps"), sched, x_T, method="ddpm", num_steps=10, key=KEY,
                            t_start=1.0, t_end=0.0, grid=grid)
         assert np.all(np.isfinite(np.asarray(x)))

@@ -34,6 +34,7 @@ METHODS = {
     "dpm_solver_2": (2, False, "logSNR"),
     "dpm_solver_3": (3, False, "logSNR"),
     "dpm_solver++_2m": (1, False, "logSNR"),
+    "dpm_solver++_3m": (1, False, "logSNR"),
 }
 
 _OPTIONS = {
@@ -46,6 +47,7 @@ _OPTIONS = {
     "dpm_solver_2": set(),
     "dpm_solver_3": set(),
     "dpm_solver++_2m": set(),
+    "dpm_solver++_3m": set(),
 }
 
 
@@ -59,19 +61,17 @@ def _is_adaptive(options):
 def _grid(schedule, method, num_steps, t_start, t_end, grid):
     if grid is None:
         if method in ("ddpm", "ddim") and isinstance(schedule, DiscreteDDPM) and t_end == 0.0:
-            grid = "ddim_linear"
+            grid = "ddim_trailing"
         else:
             grid = METHODS[method][2]
     if isinstance(grid, str) and grid.startswith("ddim_"):
         if not isinstance(schedule, DiscreteDDPM):
             raise ValueError(f"grid {grid!r} needs a DiscreteDDPM schedule")
-        ts = discrete_subsequence(schedule, num_steps, grid[len("ddim_"):])
-        if not (ts[0] <= t_start + 1e-12):
-            raise ValueError(f"grid {grid!r} starts above t_start={t_start}")
-        return ts
+        # the sub-sequence fixes its own first time (x_T is at ts[0], as in DDIM) and ends at t = 0
+        return discrete_subsequence(schedule, num_steps, grid[len("ddim_"):])
     if isinstance(grid, str) and grid not in GRIDS:
         raise ValueError(
-            f"grid must be one of {GRIDS + ('ddim_linear', 'ddim_quadratic')} or an array; "
+            f"grid must be one of {GRIDS + ('ddim_linear', 'ddim_quadratic', 'ddim_trailing')} or an array; "
             f"got {grid!r}"
         )
     if t_end == 0.0 and float(schedule.sigma2(0.0)) == 0.0:
@@ -104,8 +104,8 @@ def _sample_jit(model_fn, schedule, x_T, ts, key, cond, config):
             x = predictor_corrector(denoise, schedule, x, solve_ts, key, cond, **options)
         elif method == "pf_ode":
             x, nfe = pf_ode(denoise, schedule, x, solve_ts, cond, **options)
-        elif method == "dpm_solver++_2m":
-            x = dpm_solver(denoise, schedule, x, solve_ts, cond, multistep=True)
+        elif method.startswith("dpm_solver++_"):
+            x = dpm_solver(denoise, schedule, x, solve_ts, cond, order=int(method[-2]), multistep=True)
         else:
             x = dpm_solver(denoise, schedule, x, solve_ts, cond, order=int(method[-1]))
     if final_to_zero or denoise_final:
@@ -142,15 +142,18 @@ def sample(
       method: one of ``METHODS``: ``ddpm``, ``ddim`` (option ``eta``), ``euler_maruyama``,
         ``pc`` (options ``snr``, ``n_corrector``, ``predictor``, ``corrector``), ``pf_ode``
         (options ``solver`` in tsit5/dopri5/euler/heun, ``rtol``, ``atol``), ``dpm_solver_1``,
-        ``dpm_solver_2``, ``dpm_solver_3``, ``dpm_solver++_2m``.
+        ``dpm_solver_2``, ``dpm_solver_3``, ``dpm_solver++_2m``, ``dpm_solver++_3m``.
       num_steps: solver steps (grid intervals); adaptive ``pf_ode`` ignores it.
       key: PRNG key, required by stochastic methods.
       prediction: what ``model_fn`` predicts: eps, x0, v, score or flow.
       cond: passed to ``model_fn`` unchanged.
       t_start, t_end: integration interval, default ``schedule.t_max`` and ``schedule.t_min``.
         ``t_end = 0`` ends with the exact step to sigma = 0 (the denoised x_0).
-      grid: time_uniform, time_quadratic, logSNR, ddim_linear / ddim_quadratic (discrete
-        schedules), or an explicit decreasing array of times (which fixes t_start and t_end).
+      grid: time_uniform, time_quadratic, logSNR, ddim_trailing / ddim_linear / ddim_quadratic
+        (sub-sequences of a DiscreteDDPM chain, ending at t = 0; ddim_trailing, the default for
+        ddpm/ddim with t_end=0, starts at step N; the DDIM paper's linear/quadratic start below it
+        and x_T is taken at their first time), or an explicit decreasing array of times (which
+        fixes t_start and t_end).
       denoise_final: return E[x_0 | x_{t_end}] instead of x_{t_end} (one more evaluation).
       return_nfe: also return the number of model evaluations made.
     """
@@ -193,6 +196,7 @@ def sample(
             ts = jnp.asarray(ends, jnp.result_type(float))
         else:
             ts = _grid(schedule, method, num_steps, t_start, t_end, grid)
+        t_start, t_end = float(ts[0]), float(ts[-1])
     final_to_zero = t_end == 0.0 and float(schedule.sigma2(0.0)) == 0.0
 
     if method == "pf_ode":
