@@ -52,6 +52,8 @@ jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(os.p
                                                              "results", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import write_section  # noqa: E402
 import diffjax
 from diffjax.metrics import sliced_wasserstein
 from diffjax.testing.gmm import random_mixture, ring_mixture
@@ -355,23 +357,6 @@ def overhead(reps=7):
     return dict(n_params=int(n_params), t_model_s=t_model, t_model_min_s=min(ts), rows=rows)
 
 
-BEGIN = "<!-- samplers-results:begin (written by experiments/bench_samplers.py) -->"
-END = "<!-- samplers-results:end -->"
-
-
-def write_benchmarks_section(text):
-    """Replace the results block of BENCHMARKS.md (between the markers) with this run's tables."""
-    path = os.path.join(HERE, "..", "BENCHMARKS.md")
-    doc = open(path).read()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{path} lacks the samplers result markers")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    stamp = (f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"`python experiments/bench_samplers.py`, {os.cpu_count()} CPU cores, jax {jax.__version__}.")
-    open(path, "w").write(head + BEGIN + "\n" + stamp + "\n\n" + text + "\n" + END + tail)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -425,7 +410,7 @@ def main():
     print(text)
     open(os.path.join(RESULTS, f"samplers_{mode}.md"), "w").write(text + "\n")
     if mode == "full":
-        write_benchmarks_section(text)
+        write_section("samplers", text, "python experiments/bench_samplers.py")
     json.dump(dj, open(os.path.join(RESULTS, f"merged_{mode}.json"), "w"), indent=1)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import sys
 import os
 import time
 
@@ -35,29 +35,9 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscrete
                        UniPCMultistepScheduler)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from torch_gmm import TorchGMM  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(HERE), "results")
-LOG_2PI = math.log(2 * math.pi)
-
-
-class Oracle:
-    """E[eps | x_t] for x_t = alpha x_0 + sigma eps, x_0 ~ sum_k w_k N(mu_k, diag(s_k^2))."""
-
-    def __init__(self, weights, means, variances):
-        self.logw = torch.log(torch.as_tensor(weights, dtype=torch.float64))
-        self.means = torch.as_tensor(means, dtype=torch.float64)
-        self.var = torch.as_tensor(variances, dtype=torch.float64)
-        self.nfe = 0
-
-    def eps(self, x, alpha, sigma):
-        self.nfe += 1
-        x64 = x.to(torch.float64)
-        alpha = torch.as_tensor(alpha, dtype=torch.float64)
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        var = alpha**2 * self.var + sigma**2  # (K, D)
-        diff = x64[:, None, :] - alpha * self.means[None]  # (B, K, D)
-        log_comp = -0.5 * torch.sum(diff**2 / var + torch.log(var) + LOG_2PI, dim=-1)
-        resp = torch.softmax(log_comp + self.logw[None], dim=-1)[..., None]
-        return (sigma * torch.sum(resp * diff / var, dim=1)).to(x.dtype)
 
 
 def run_discrete(sched, oracle, x_T, steps):
@@ -119,7 +99,7 @@ def main():
             continue
         d = np.load(path)
         nfes = [int(b) for b in d["nfes"]]
-        oracle = Oracle(d["weights"], d["means"], d["variances"])
+        oracle = TorchGMM(d["weights"], d["means"], d["variances"])
         x_T = torch.as_tensor(d["x_T"], dtype=torch.float32)
         runs, outs = [], {}
         for label, (make, runner) in configs().items():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import math
 import os
 import time
@@ -32,29 +33,16 @@ import k_diffusion
 from k_diffusion import sampling as KS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from torch_gmm import TorchGMM  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(HERE), "results")
-LOG_2PI = math.log(2 * math.pi)
 
 
-class Denoiser:
-    def __init__(self, weights, means, variances):
-        self.logw = torch.log(torch.as_tensor(weights, dtype=torch.float64))
-        self.means = torch.as_tensor(means, dtype=torch.float64)
-        self.var = torch.as_tensor(variances, dtype=torch.float64)
-        self.nfe = 0
+class Denoiser(TorchGMM):
+    """k-diffusion's model interface: ``model(x, sigma) -> D(x; sigma)``."""
 
     def __call__(self, x, sigma, **kwargs):
-        self.nfe += 1
-        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)[0]
-        alpha = 1 / torch.sqrt(1 + s**2)
-        sig_vp = s * alpha
-        xv = x.to(torch.float64) * alpha
-        var = alpha**2 * self.var + sig_vp**2
-        diff = xv[:, None, :] - alpha * self.means[None]
-        log_comp = -0.5 * torch.sum(diff**2 / var + torch.log(var) + LOG_2PI, dim=-1)
-        resp = torch.softmax(log_comp + self.logw[None], dim=-1)[..., None]
-        eps = sig_vp * torch.sum(resp * diff / var, dim=1)
-        return (x.to(torch.float64) - s * eps).to(x.dtype)
+        return self.denoise_sigma(x, sigma)
 
 
 # label -> (sampler, evaluations per interval (the last interval to 0 costs 1), grid)

@@ -1,0 +1,29 @@
+"""Shared by the benchmark scripts: write a result block into BENCHMARKS.md between markers."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
+
+
+def markers(name):
+    return (f"<!-- {name}-results:begin (written by experiments/bench_{name}.py) -->",
+            f"<!-- {name}-results:end -->")
+
+
+def write_section(name: str, text: str, command: str):
+    """Replace the block of BENCHMARKS.md between ``name``'s markers with ``text``, stamped."""
+    begin, end = markers(name)
+    doc = open(BENCHMARKS).read()
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{BENCHMARKS} lacks the {name} result markers")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    stamp = (f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `{command}`, "
+             f"{os.cpu_count()} CPU cores, jax {jax.__version__}.")
+    with open(BENCHMARKS, "w") as f:
+        f.write(head + begin + "\n" + stamp + "\n\n" + text + "\n" + end + tail)
