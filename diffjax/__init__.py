@@ -3,7 +3,7 @@
 schedules -> parameterization -> samplers / likelihood / losses -> training -> experiments.
 """
 
-from diffjax import parameterization, schedules, sde, timesteps
+from diffjax import losses, parameterization, schedules, sde, timesteps
 from diffjax.parameterization import Denoised, convert, make_denoiser
 from diffjax.samplers import METHODS, sample
 from diffjax.schedules import (

@@ -1,0 +1,126 @@
+"""Training objectives: ``make_loss(...) -> loss_fn(params, batch, key) -> (loss, aux)``.
+
+All objectives draw t, eps and x_t = alpha x_0 + sigma eps from the schedule and read the
+network through ``diffjax.parameterization`` (the network may predict any type):
+
+* ``"eps"``: L_simple = E ||eps_hat - eps||^2 (Ho et al. 2020 eq. 14)
+* ``"x0"``, ``"v"``: the same regression on x_0 or v = alpha eps - sigma x_0 (Salimans & Ho 2022)
+* ``"dsm"``: weighted denoising score matching E[w(t) ||s_hat - grad log q(x_t|x_0)||^2]
+  (Song et al. 2021 eq. 7) with ``weighting="likelihood"``: w = g(t)^2, which makes
+  1/2 (T - t_eps) E[...] (summed over dims) the score-matching bound on -log p of Song et al.
+  2021b ("Maximum Likelihood Training of Score-Based Diffusion Models", Thm. 1) up to constants;
+  or ``weighting="sigma2"``: w = sigma^2 (equal to L_simple).
+
+Options: antithetic time sampling (t and its mirror t_eps + T - t in each pair of examples) and
+condition dropout for classifier-free guidance (each label replaced by ``null_label`` with
+probability ``cond_drop_prob``; Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from diffjax.parameterization import Denoised, check_prediction, from_x0_eps, to_x0_eps
+from diffjax.schedules import DiscreteDDPM, Schedule, broadcast_time
+
+__all__ = ["OBJECTIVES", "make_loss", "sample_times", "drop_condition"]
+
+OBJECTIVES = ("eps", "x0", "v", "dsm")
+
+
+def sample_times(key, n: int, t_eps: float, t_max: float, antithetic: bool = False,
+                 discrete: Optional[int] = None):
+    """Uniform times on [t_eps, t_max] (or uniform steps n/N of a discrete chain, Ho Alg. 1).
+
+    ``antithetic``: the second half of the batch mirrors the first (t -> t_eps + t_max - t),
+    lowering the variance of the Monte-Carlo estimate of the time integral.
+    """
+    m = (n + 1) // 2 if antithetic else n
+    if discrete is not None:
+        steps = jax.random.randint(key, (m,), 1, discrete + 1)
+        if antithetic:
+            steps = jnp.concatenate([steps, discrete + 1 - steps])[:n]
+        return steps.astype(jnp.result_type(float)) / discrete
+    u = jax.random.uniform(key, (m,))
+    t = t_eps + (t_max - t_eps) * u
+    if antithetic:
+        t = jnp.concatenate([t, t_eps + t_max - t])[:n]
+    return t
+
+
+def drop_condition(key, labels, p: float, null_label: int):
+    """Replace each label by ``null_label`` with probability p (classifier-free guidance training)."""
+    drop = jax.random.bernoulli(key, p, labels.shape)
+    return jnp.where(drop, null_label, labels)
+
+
+def make_loss(
+    model_fn: Callable,
+    schedule: Schedule,
+    *,
+    prediction: str = "eps",
+    objective: str = "eps",
+    weighting: str = "likelihood",
+    reduce: str = "mean",
+    t_eps: Optional[float] = None,
+    antithetic: bool = False,
+    cond_drop_prob: float = 0.0,
+    null_label: Optional[int] = None,
+):
+    """Build ``loss_fn(params, batch, key) -> (loss, aux)`` for ``model_fn(params, x, t, cond)``.
+
+    ``batch`` is a dict with ``"x"`` (batch, ...) and optionally ``"label"`` (batch,) int.
+    ``reduce``: per-example mean (``"mean"``) or sum (``"sum"``) over data dims.
+    ``aux`` holds the per-example losses and the times drawn.
+    """
+    check_prediction(prediction)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}; got {objective!r}")
+    if weighting not in ("likelihood", "sigma2"):
+        raise ValueError(f"weighting must be 'likelihood' or 'sigma2'; got {weighting!r}")
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum'; got {reduce!r}")
+    if not 0.0 <= cond_drop_prob <= 1.0:
+        raise ValueError(f"cond_drop_prob must lie in [0, 1]; got {cond_drop_prob}")
+    if cond_drop_prob > 0 and null_label is None:
+        raise ValueError("cond_drop_prob > 0 needs null_label (the class index meaning 'no condition')")
+    discrete = schedule.num_timesteps if isinstance(schedule, DiscreteDDPM) else None
+    t_lo = float(schedule.t_min if t_eps is None else t_eps)
+    t_hi = float(schedule.t_max)
+    if not 0.0 <= t_lo < t_hi:
+        raise ValueError(f"t_eps must lie in [0, t_max={t_hi}); got {t_lo}")
+
+    def loss_fn(params, batch, key):
+        x0 = batch["x"]
+        label = batch.get("label")
+        k_t, k_eps, k_drop = jax.random.split(key, 3)
+        n = x0.shape[0]
+        t = sample_times(k_t, n, t_lo, t_hi, antithetic, discrete)
+        eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+        x_t = schedule.marginal(x0, t, eps)
+        cond = label
+        if label is not None and cond_drop_prob > 0:
+            cond = drop_condition(k_drop, label, cond_drop_prob, null_label)
+        pred = model_fn(params, x_t, t.astype(x0.dtype), cond)
+        if pred.shape != x0.shape:
+            raise ValueError(f"model output shape {pred.shape} does not match x shape {x0.shape}")
+        d = to_x0_eps(pred, prediction, x_t, t, schedule)
+        if objective == "dsm":
+            # ||s_hat - grad log q||^2 = ||eps_hat - eps||^2 / sigma^2 ; weight w(t)
+            tb = broadcast_time(t, x0)
+            sigma2 = schedule._sigma2(tb)
+            w = schedule._g2(tb) if weighting == "likelihood" else sigma2
+            err = w / sigma2 * (d.eps - eps) ** 2
+            if weighting == "likelihood":
+                err = 0.5 * (t_hi - t_lo) * err  # the time integral's Monte-Carlo estimate
+        else:
+            target = from_x0_eps(Denoised(x0, eps), objective, x_t, t, schedule)
+            err = (from_x0_eps(d, objective, x_t, t, schedule) - target) ** 2
+        err = err.reshape(n, -1)
+        per_example = jnp.mean(err, -1) if reduce == "mean" else jnp.sum(err, -1)
+        return jnp.mean(per_example), {"loss_per_example": per_example, "t": t}
+
+    return loss_fn

@@ -1,0 +1,109 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffjax
+from diffjax.losses import drop_condition, make_loss, sample_times
+from diffjax.testing.gmm import ring_mixture
+
+RING = ring_mixture()
+KEY = jax.random.PRNGKey(0)
+
+
+def _oracle_model(schedule, prediction="eps"):
+    exact = RING.model_fn(schedule, prediction)
+
+    def model_fn(params, x, t, cond):
+        return exact(x, t, cond) + params["delta"]
+
+    return model_fn
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0", "v", "dsm"])
+@pytest.mark.parametrize("sname", ["vp", "ve", "ddpm"])
+def test_exact_model_beats_perturbed(objective, sname):
+    """The Bayes-optimal prediction minimises every objective: L(delta) - L(0) ~ delta^2 term."""
+    schedule = {"vp": diffjax.VPLinear(), "ve": diffjax.VE(), "ddpm": diffjax.DiscreteDDPM.linear()}[sname]
+    prediction = "x0" if objective == "x0" else "eps"
+    loss_fn = jax.jit(make_loss(_oracle_model(schedule, prediction), schedule, prediction=prediction,
+                                objective=objective, t_eps=0.05))
+    x, _ = RING.sample(KEY, 4096)
+    batch = {"x": x}
+    l0, aux = loss_fn({"delta": 0.0}, batch, jax.random.PRNGKey(1))
+    l1, _ = loss_fn({"delta": 0.1}, batch, jax.random.PRNGKey(1))
+    assert np.isfinite(float(l0)) and aux["loss_per_example"].shape == (4096,)
+    assert float(l1) > float(l0)
+
+
+def test_sigma2_weighted_dsm_equals_l_simple():
+    s = diffjax.VPLinear()
+    model = _oracle_model(s)
+    x, _ = RING.sample(KEY, 256)
+    a = make_loss(model, s, objective="eps")({"delta": 0.05}, {"x": x}, KEY)[0]
+    b = make_loss(model, s, objective="dsm", weighting="sigma2")({"delta": 0.05}, {"x": x}, KEY)[0]
+    chex.assert_trees_all_close(a, b, rtol=1e-5)
+
+
+def test_likelihood_weighting_closed_form():
+    """w = g^2: per-example loss = (T - t_eps)/2 g^2/sigma^2 ||eps_hat - eps||^2 summed over dims."""
+    s = diffjax.VPLinear()
+    model = _oracle_model(s)
+    x, _ = RING.sample(KEY, 64)
+    loss, aux = make_loss(model, s, objective="dsm", reduce="sum")({"delta": 0.0}, {"x": x}, KEY)
+    _, aux_eps = make_loss(model, s, objective="eps", reduce="sum")({"delta": 0.0}, {"x": x}, KEY)
+    t = aux["t"]
+    expected = 0.5 * (s.t_max - s.t_min) * s.g2(t) / s.sigma2(t) * aux_eps["loss_per_example"]
+    chex.assert_trees_all_close(aux["loss_per_example"], expected, rtol=1e-4)
+
+
+def test_antithetic_and_discrete_times():
+    t = sample_times(KEY, 9, 0.01, 1.0, antithetic=True)
+    chex.assert_trees_all_close(t[:4] + t[5:9], jnp.full(4, 1.01), rtol=1e-6)
+    assert t.shape == (9,)
+    td = sample_times(KEY, 1000, 0.0, 1.0, discrete=1000)
+    n = np.asarray(td) * 1000
+    assert np.allclose(n, np.round(n), atol=1e-3) and n.min() >= 1 and n.max() <= 1000
+
+
+def test_condition_dropout():
+    labels = jnp.arange(20000) % 8
+    out = drop_condition(KEY, labels, 0.2, null_label=8)
+    frac = float(jnp.mean(out == 8))
+    assert abs(frac - 0.2) < 0.01
+    kept = out != 8
+    assert bool(jnp.all(out[kept] == labels[kept]))
+    chex.assert_trees_all_equal(drop_condition(KEY, labels, 0.0, 8), labels)
+
+
+def test_loss_gradient_and_conditioning():
+    s = diffjax.VPLinear()
+
+    def model_fn(params, x, t, cond):
+        emb = params["emb"][cond]
+        return params["w"] * x + emb + t[:, None] * params["b"]
+
+    params = {"w": jnp.ones(()), "b": jnp.zeros(2), "emb": jnp.zeros((9, 2))}
+    x, labels = RING.sample(KEY, 128)
+    loss_fn = jax.jit(make_loss(model_fn, s, cond_drop_prob=0.1, null_label=8, antithetic=True))
+    grads = jax.grad(lambda p: loss_fn(p, {"x": x, "label": labels}, KEY)[0])(params)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads["emb"][8]).sum()) > 0  # the null class is trained
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(objective="score"), "objective"),
+        (dict(weighting="snr"), "weighting"),
+        (dict(reduce="max"), "reduce"),
+        (dict(cond_drop_prob=1.5), "cond_drop_prob"),
+        (dict(cond_drop_prob=0.1), "null_label"),
+        (dict(prediction="noise"), "prediction"),
+        (dict(t_eps=2.0), "t_eps"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_loss(lambda p, x, t, c: x, diffjax.VPLinear(), **kwargs)
