@@ -21,7 +21,6 @@ Usage: python experiments/peers/diffusers_peer.py [--quick]
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import os
@@ -36,7 +35,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscrete
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from torch_gmm import TorchGMM  # noqa: E402
+from torch_gmm import TorchGMM, peer_problems  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(HERE), "results")
 
 
@@ -86,18 +85,7 @@ def configs():
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--reps", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    problems = ["ring"] if args.quick else ["ring", "gmm32"]
-    for name in problems:
-        path = os.path.join(RESULTS, f"{name}_problem.npz")
-        if not os.path.exists(path):
-            print(f"skip {name}: {path} missing (run bench_samplers.py first)")
-            continue
-        d = np.load(path)
+    for name, d, args in peer_problems(RESULTS):
         nfes = [int(b) for b in d["nfes"]]
         oracle = TorchGMM(d["weights"], d["means"], d["variances"])
         x_T = torch.as_tensor(d["x_T"], dtype=torch.float32)

@@ -19,7 +19,6 @@ x_T(k-diffusion) = x_T(VP) / alpha(1). The output at sigma = 0 is x_0, directly 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import math
@@ -34,7 +33,7 @@ from k_diffusion import sampling as KS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from torch_gmm import TorchGMM  # noqa: E402
+from torch_gmm import TorchGMM, peer_problems  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(HERE), "results")
 
 
@@ -59,18 +58,7 @@ SAMPLERS = {
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--reps", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    problems = ["ring"] if args.quick else ["ring", "gmm32"]
-    for name in problems:
-        path = os.path.join(RESULTS, f"{name}_problem.npz")
-        if not os.path.exists(path):
-            print(f"skip {name}: {path} missing (run bench_samplers.py first)")
-            continue
-        d = np.load(path)
+    for name, d, args in peer_problems(RESULTS):
         ac = np.asarray(d["alphas_cumprod"], np.float64)
         sigma_max = float(np.sqrt((1 - ac[-1]) / ac[-1]))
         sigma_min = float(np.sqrt((1 - ac[0]) / ac[0]))

@@ -39,3 +39,23 @@ class TorchGMM:
         alpha = 1 / torch.sqrt(1 + s**2)
         eps = self.eps(x.to(torch.float64) * alpha, alpha, s * alpha).to(torch.float64)
         return (x.to(torch.float64) - s * eps).to(x.dtype)
+
+
+def peer_problems(results_dir):
+    """Parse the peers' common CLI and yield (name, problem arrays, args) for each saved problem."""
+    import argparse
+    import os
+
+    import numpy as np
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    for name in (["ring"] if args.quick else ["ring", "gmm32"]):
+        path = os.path.join(results_dir, f"{name}_problem.npz")
+        if not os.path.exists(path):
+            print(f"skip {name}: {path} missing (run bench_samplers.py first)")
+            continue
+        yield name, np.load(path), args
