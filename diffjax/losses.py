@@ -94,8 +94,14 @@ def make_loss(
         raise ValueError(f"t_eps must lie in [0, t_max={t_hi}); got {t_lo}")
 
     def loss_fn(params, batch, key):
+        if not isinstance(batch, dict) or "x" not in batch:
+            raise ValueError(f"batch must be a dict with key 'x'; got {type(batch).__name__}")
         x0 = batch["x"]
         label = batch.get("label")
+        if x0.ndim < 2:
+            raise ValueError(f"batch['x'] must have shape (batch, ...data dims); got {x0.shape}")
+        if label is not None and label.shape != x0.shape[:1]:
+            raise ValueError(f"batch['label'] must have shape ({x0.shape[0]},); got {label.shape}")
         k_t, k_eps, k_drop = jax.random.split(key, 3)
         n = x0.shape[0]
         t = sample_times(k_t, n, t_lo, t_hi, antithetic, discrete)

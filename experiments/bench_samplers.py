@@ -345,7 +345,7 @@ def overhead(reps=7):
           f"(min {min(ts)*1e3:.2f})", flush=True)
     rows = []
     x_T = sched.prior_sample(jax.random.PRNGKey(2), (16, 32, 32, 3))
-    for method, k in (("ddim", 1), ("dpm_solver++_2m", 1), ("dpm_solver_3", 3)):
+    for method, k in (("ddim", 1), ("dpm_solver++_2m", 1), ("dpm_solver++_3m", 1), ("dpm_solver_3", 3)):
         steps = steps_for_budget(20, k)
         kw = dict(method=method, num_steps=steps, t_end=0.0, return_nfe=True)
         (xs, nfe), wall = timed(lambda: diffjax.sample(model_fn, sched, x_T, **kw), reps)
@@ -371,6 +371,14 @@ def main():
     if args.overhead:
         res = overhead()
         json.dump(res, open(os.path.join(RESULTS, "overhead.json"), "w"), indent=1)
+        lines = [f"U-Net {res['n_params'] / 1e6:.2f}M parameters; T_model median "
+                 f"{res['t_model_s'] * 1e3:.1f} ms (min {res['t_model_min_s'] * 1e3:.1f} ms).", "",
+                 "| method | steps | NFE | sampler wall | overhead (median T_model) | overhead (min T_model) |",
+                 "|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {r['wall_s'] * 1e3:.0f} ms | "
+                         f"{r['overhead']:.3f} | {r['wall_s'] / (r['nfe'] * res['t_model_min_s']):.3f} |")
+        write_section("overhead", "\n".join(lines), "python experiments/bench_samplers.py --overhead")
         return
     mode = "quick" if args.quick else "full"
     problems = [("ring", 2000)] if args.quick else [("ring", 2000), ("gmm32", 2000)]

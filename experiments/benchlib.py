@@ -11,8 +11,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BEN
 
 
 def markers(name):
-    return (f"<!-- {name}-results:begin (written by experiments/bench_{name}.py) -->",
-            f"<!-- {name}-results:end -->")
+    return f"<!-- {name}-results:begin -->", f"<!-- {name}-results:end -->"
 
 
 def write_section(name: str, text: str, command: str):

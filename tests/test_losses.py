@@ -107,3 +107,15 @@ def test_loss_gradient_and_conditioning():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_loss(lambda p, x, t, c: x, diffjax.VPLinear(), **kwargs)
+
+
+def test_bad_batch():
+    loss_fn = make_loss(lambda p, x, t, c: x, diffjax.VPLinear())
+    with pytest.raises(ValueError, match="'x'"):
+        loss_fn({}, {"image": jnp.zeros((2, 2))}, KEY)
+    with pytest.raises(ValueError, match=r"batch\['x'\]"):
+        loss_fn({}, {"x": jnp.zeros((4,))}, KEY)
+    with pytest.raises(ValueError, match="label"):
+        loss_fn({}, {"x": jnp.zeros((4, 2)), "label": jnp.zeros((3,), jnp.int32)}, KEY)
+    with pytest.raises(ValueError, match="output shape"):
+        make_loss(lambda p, x, t, c: x[:, :1], diffjax.VPLinear())({}, {"x": jnp.zeros((4, 2))}, KEY)

@@ -298,6 +298,14 @@ def test_bad_input(kwargs, match):
         diffjax.sample(RING_EPS, VP, x_T, **kwargs)
 
 
+def test_low_level_bad_input():
+    den = make_denoiser(RING_EPS, VP, "eps")
+    with pytest.raises(ValueError, match="increasing"):
+        ddim_invert(den, VP, jnp.zeros((2, 2)), jnp.linspace(1.0, 0.1, 5))
+    with pytest.raises(ValueError, match="shape"):
+        slerp(jnp.zeros((2, 3)), jnp.zeros((2, 4)), 0.5)
+
+
 def test_shape_mismatch_named():
     x_T = VP.prior_sample(KEY, (4, 3))  # the oracle is 2-D
     with pytest.raises(ValueError, match="shape"):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from diffjax.parameterization import Denoised
 from diffjax.schedules import Schedule
+from diffjax.timesteps import check_grid
 
 __all__ = ["ddpm_step", "ddim_step", "ddpm", "ddim", "ddim_invert", "slerp"]
 
@@ -94,6 +95,8 @@ def ddim_invert(denoiser: Callable, schedule: Schedule, x0, ts, cond=None,
     same grid reproduces x_0 up to the fixed-point residual (k extra evaluations per step).
     """
 
+    check_grid(ts, increasing=True)
+
     def step(x_s, s, t, k):
         d = denoiser(x_s, s, cond)
         x_t = schedule._alpha(t) * d.x0 + schedule._sigma(t) * d.eps
@@ -111,6 +114,8 @@ def ddim_invert(denoiser: Callable, schedule: Schedule, x0, ts, cond=None,
 
 def slerp(z0, z1, w):
     """Spherical interpolation of latents (Shoemake 1985; DDIM sec. 5.3), per example."""
+    if z0.shape != z1.shape or z0.ndim < 2:
+        raise ValueError(f"z0 and z1 must share a shape (batch, ...); got {z0.shape} and {z1.shape}")
     flat0 = z0.reshape(z0.shape[0], -1)
     flat1 = z1.reshape(z1.shape[0], -1)
     cos = jnp.sum(flat0 * flat1, -1) / (

@@ -58,7 +58,13 @@ def _is_adaptive(options):
     return adaptive
 
 
-def _grid(schedule, method, num_steps, t_start, t_end, grid):
+def _grid(schedule, method, num_steps, t_start, t_end, grid, options, clean_end):
+    """The decreasing time grid of a call. ``clean_end``: t_end = 0 where sigma(0) = 0, so the
+    last interval is the exact step to x_0 and the solve itself stops at ``schedule.t_min``."""
+    if method == "pf_ode" and _is_adaptive(options):
+        # adaptive: the solver picks its own steps between the ends (num_steps is unused)
+        ends = [t_start, min(float(schedule.t_min), 0.5 * t_start), 0.0] if clean_end else [t_start, t_end]
+        return jnp.asarray(ends, jnp.result_type(float))
     if grid is None:
         if method in ("ddpm", "ddim") and isinstance(schedule, DiscreteDDPM) and t_end == 0.0:
             grid = "ddim_trailing"
@@ -74,8 +80,8 @@ def _grid(schedule, method, num_steps, t_start, t_end, grid):
             f"grid must be one of {GRIDS + ('ddim_linear', 'ddim_quadratic', 'ddim_trailing')} or an array; "
             f"got {grid!r}"
         )
-    if t_end == 0.0 and float(schedule.sigma2(0.0)) == 0.0:
-        # sigma(0) = 0: lay num_steps - 1 intervals down to t_min, then the exact step to t = 0.
+    if clean_end:
+        # lay num_steps - 1 intervals down to t_min, then the exact step to t = 0
         t_min = float(schedule.t_min)
         if num_steps == 1 or not t_min < t_start:
             return jnp.asarray([t_start, 0.0], jnp.result_type(float))
@@ -176,10 +182,10 @@ def sample(
     if x_T.ndim < 1:
         raise ValueError(f"x_T must have a leading batch axis; got shape {x_T.shape}")
 
+    sigma_vanishes_at_0 = float(schedule.sigma2(0.0)) == 0.0
     if grid is not None and not isinstance(grid, str):
         ts = jnp.asarray(grid, jnp.result_type(float))
         check_grid(ts)
-        t_start, t_end = float(ts[0]), float(ts[-1])
     else:
         t_start = float(schedule.t_max if t_start is None else t_start)
         t_end = float(schedule.t_min if t_end is None else t_end)
@@ -188,16 +194,9 @@ def sample(
                 raise ValueError(f"{name} must lie in the schedule's time range [0, 1]; got {v}")
         if not t_end < t_start:
             raise ValueError(f"t_end must be < t_start; got t_end={t_end}, t_start={t_start}")
-        if method == "pf_ode" and _is_adaptive(options):
-            # adaptive: the solver picks its own steps on [t_start, t_end] (num_steps is unused)
-            ends = [t_start, t_end]
-            if t_end == 0.0 and float(schedule.sigma2(0.0)) == 0.0:
-                ends = [t_start, min(float(schedule.t_min), 0.5 * t_start), 0.0]
-            ts = jnp.asarray(ends, jnp.result_type(float))
-        else:
-            ts = _grid(schedule, method, num_steps, t_start, t_end, grid)
-        t_start, t_end = float(ts[0]), float(ts[-1])
-    final_to_zero = t_end == 0.0 and float(schedule.sigma2(0.0)) == 0.0
+        ts = _grid(schedule, method, num_steps, t_start, t_end, grid, options,
+                   clean_end=t_end == 0.0 and sigma_vanishes_at_0)
+    final_to_zero = float(ts[-1]) == 0.0 and sigma_vanishes_at_0
 
     if method == "pf_ode":
         solver = options.get("solver", "tsit5")

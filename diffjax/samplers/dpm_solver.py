@@ -10,17 +10,15 @@ prediction at t(lambda). Step size h = lambda_t - lambda_s. A multistep history 
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, ClassVar
 
 import diffrax
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 
 from diffjax.schedules import Schedule
 
-__all__ = ["DPMSolver", "DPMSolverPP2M", "DPMSolverPPMultistep", "dpm_solver", "prediction_term"]
+__all__ = ["DPMSolver", "DPMSolverPPMultistep", "dpm_solver", "prediction_term"]
 
 _RESULTS = diffrax.RESULTS
 
@@ -162,9 +160,6 @@ class DPMSolverPPMultistep(_LambdaSolver):
             y_3 = base + alpha_t * (phi_1 / h + 1.0) * d1 - alpha_t * ((phi_1 + h) / h**2 - 0.5) * d2
             y1 = jnp.where(count >= 2, y_3, y1)
         return self._done(y0, y1, (m0, m1, h, h1, count + 1))
-
-
-DPMSolverPP2M = functools.partial(DPMSolverPPMultistep, solver_order=2)
 
 
 def dpm_solver(denoiser: Callable, schedule: Schedule, x_T, ts, cond=None, order: int = 2,
