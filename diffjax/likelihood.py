@@ -25,7 +25,7 @@ from jax.scipy.special import log_ndtr
 
 from diffjax.parameterization import check_prediction, make_denoiser
 from diffjax.samplers.ode import ODE_SOLVERS
-from diffjax.schedules import DiscreteDDPM, Schedule, _is_concrete
+from diffjax.schedules import DiscreteDDPM, Schedule, _is_concrete, broadcast_time
 from diffjax.sde import pf_ode_drift
 
 __all__ = [
@@ -34,6 +34,9 @@ __all__ = [
     "bits_per_dim",
     "dequantize",
     "ddpm_vlb",
+    "ddpm_vlb_term",
+    "ddpm_prior_kl",
+    "ddpm_log_variance",
     "discretized_gaussian_log_likelihood",
 ]
 
@@ -258,9 +261,9 @@ def bits_per_dim(
 # ---- the discrete DDPM bound ----------------------------------------------------------------
 
 
-def _gaussian_kl(mean1, var1, mean2, var2):
-    """KL(N(mean1, var1) || N(mean2, var2)) summed over the data dims."""
-    kl = 0.5 * (jnp.log(var2) - jnp.log(var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1.0)
+def _gaussian_kl(mean1, log_var1, mean2, log_var2):
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)) summed over the data dims."""
+    kl = 0.5 * (log_var2 - log_var1 + jnp.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * jnp.exp(-log_var2) - 1.0)
     return jnp.sum(kl.reshape(kl.shape[0], -1), axis=-1)
 
 
@@ -312,6 +315,8 @@ def ddpm_vlb(
     x0 = _check_x(x0)
     if decoder not in ("discretized", "gaussian"):
         raise ValueError(f"decoder must be 'discretized' or 'gaussian'; got {decoder!r}")
+    if schedule.num_timesteps < 2:
+        raise ValueError(f"ddpm_vlb needs a chain of at least 2 steps; got num_timesteps={schedule.num_timesteps}")
     if variance not in ("posterior", "large"):
         raise ValueError(f"variance must be 'posterior' or 'large'; got {variance!r}")
     if decoder == "discretized" and _is_concrete(x0):
@@ -324,49 +329,80 @@ def ddpm_vlb(
                          (prediction, decoder, num_bits, tuple(data_range), variance))
 
 
+VLB_VARIANCES = ("posterior", "large", "learned")
+
+
+def ddpm_log_variance(schedule: DiscreteDDPM, t, variance: str = "posterior", frac=None):
+    """log variance of p(x_{n-1} | x_n) at step n = tN (Ho et al. 2020 sec. 3.2; Nichol & Dhariwal eq. 15).
+
+    "posterior": beta_tilde_n, "large": beta_n, "learned": frac log beta_n + (1 - frac) log beta_tilde_n
+    with frac in [0, 1] from the network. beta_tilde_1 = 0, so step 1 uses beta_tilde_2 (the clipped
+    log-variance of Ho's and Nichol's code).
+    """
+    dt = 1.0 / schedule.num_timesteps
+    log_beta = jnp.log(schedule.transition(t - dt, t)[1])
+    t_c = jnp.maximum(t, 2.0 * dt)
+    log_beta_tilde = jnp.log(schedule.posterior(t_c - dt, t_c)[2])
+    if variance == "posterior":
+        return log_beta_tilde
+    if variance == "large":
+        return log_beta
+    return frac * log_beta + (1.0 - frac) * log_beta_tilde
+
+
+def ddpm_vlb_term(schedule: DiscreteDDPM, x0, x_t, t, x0_hat, log_var, *, decoder: str = "discretized",
+                  num_bits: int = 8, data_range=(-1.0, 1.0)):
+    """One term of the DDPM bound in nats per example at step n = tN (Ho et al. 2020 eq. 5).
+
+    n > 1: L_{n-1} = KL(q(x_{n-1} | x_n, x_0) || N(mu(x_n, x0_hat), e^log_var)), mu the posterior mean
+    at x0_hat (eq. 7); n = 1: L_0 = -log p(x_0 | x_1) with mean x0_hat, a Gaussian discretized to
+    2^num_bits bins on ``data_range`` or, with ``decoder="gaussian"``, a continuous density.
+    ``t`` is a scalar or per-example (batch,) time; ``log_var`` broadcasts against x0.
+    """
+    dt = 1.0 / schedule.num_timesteps
+    t = broadcast_time(jnp.asarray(t, x0.dtype), x0)
+    first = t < 1.5 * dt
+    t_kl = jnp.where(first, 2.0 * dt, t)  # keeps the unused KL branch finite (q(x_0|x_1,x_0) is a point mass)
+    c_xt, c_x0, var_q = schedule.posterior(t_kl - dt, t_kl)
+    kl = _gaussian_kl(c_xt * x_t + c_x0 * x0, jnp.log(var_q), c_xt * x_t + c_x0 * x0_hat,
+                      jnp.broadcast_to(log_var, x0.shape))
+    if decoder == "discretized":
+        l_0 = -discretized_gaussian_log_likelihood(x0, x0_hat, 0.5 * log_var, num_bits, data_range)
+    else:
+        l_0 = 0.5 * jnp.sum(((x0 - x0_hat) ** 2 * jnp.exp(-log_var) + log_var + jnp.log(2 * jnp.pi))
+                            .reshape(x0.shape[0], -1), -1)
+    return jnp.where(first.reshape(-1), l_0, kl)
+
+
+def ddpm_prior_kl(schedule: DiscreteDDPM, x0):
+    """L_T = KL(q(x_T | x_0) || N(0, I)) in nats per example (Ho et al. 2020 eq. 5)."""
+    t_T = schedule.time(schedule.num_timesteps)
+    mean = schedule.alpha(t_T) * x0
+    return _gaussian_kl(mean, jnp.log(schedule.sigma2(t_T)) * jnp.ones_like(x0), jnp.zeros_like(x0),
+                        jnp.zeros_like(x0))
+
+
 def _ddpm_vlb_impl(model_fn, schedule, x0, key, cond, config):
     prediction, decoder, num_bits, data_range, variance = config
     denoise = make_denoiser(model_fn, schedule, prediction)
     n = schedule.num_timesteps
-    times = schedule.time(jnp.arange(n + 1))
     d = math.prod(x0.shape[1:])
+    term_kw = dict(decoder=decoder, num_bits=num_bits, data_range=data_range)
 
-    def sample_xt(k, t):
-        return schedule.marginal(x0, t, jax.random.normal(k, x0.shape, x0.dtype))
+    def term(t, k):
+        x_t = schedule.marginal(x0, t, jax.random.normal(k, x0.shape, x0.dtype))
+        x0_hat = denoise(x_t, t, cond).x0
+        return ddpm_vlb_term(schedule, x0, x_t, t, x0_hat, ddpm_log_variance(schedule, t, variance), **term_kw)
 
-    def model_var(s, t):
-        if variance == "large":
-            return schedule.transition(s, t)[1]
-        return schedule.posterior(s, t)[2]
+    def body(carry, inp):
+        return carry + term(*inp), None
 
-    # L_{t-1}, t = 2..N
-    def term(carry, inp):
-        s, t, k = inp
-        x_t = sample_xt(k, t)
-        c_xt, c_x0, var_q = schedule.posterior(s, t)
-        mean_q = c_xt * x_t + c_x0 * x0
-        mean_p = c_xt * x_t + c_x0 * denoise(x_t, t, cond).x0
-        return carry + _gaussian_kl(mean_q, var_q, mean_p, model_var(s, t)), None
-
+    # L_{n-1}, n = 2..N: one x_n ~ q(x_n | x_0) per step
     k_terms, k_0 = jax.random.split(key)
-    keys = jax.random.split(k_terms, n - 1)
-    l_mid, _ = jax.lax.scan(term, jnp.zeros((x0.shape[0],), x0.dtype),
-                            (times[1:-1], times[2:], keys))
-
-    # L_T: q(x_T|x_0) = N(alpha_T x0, sigma_T^2) against N(0, I)
-    a_T, s2_T = schedule.alpha(times[-1]), schedule.sigma2(times[-1])
-    l_T = _gaussian_kl(a_T * x0, s2_T, jnp.zeros_like(x0), jnp.ones(()))
-
-    # L_0 = -log p(x0 | x_1), mean x0_hat(x_1)
-    x_1 = sample_xt(k_0, times[1])
-    mean_0 = denoise(x_1, times[1], cond).x0
-    var_0 = schedule.transition(times[0], times[1])[1] if variance == "large" else \
-        schedule.posterior(times[1], times[2])[2]
-    log_scale = 0.5 * jnp.log(var_0)
-    if decoder == "discretized":
-        l_0 = -discretized_gaussian_log_likelihood(x0, mean_0, log_scale, num_bits, data_range)
-    else:
-        l_0 = 0.5 * jnp.sum(((x0 - mean_0) ** 2 / var_0 + jnp.log(2 * jnp.pi * var_0)).reshape(x0.shape[0], -1), -1)
+    times = schedule.time(jnp.arange(2, n + 1))
+    l_mid, _ = jax.lax.scan(body, jnp.zeros((x0.shape[0],), x0.dtype), (times, jax.random.split(k_terms, n - 1)))
+    l_T = ddpm_prior_kl(schedule, x0)
+    l_0 = term(schedule.time(1), k_0)
     total = l_T + l_mid + l_0
     return total / (d * _LN2), {"prior": l_T, "diffusion": l_mid, "decoder": l_0, "total": total}
 

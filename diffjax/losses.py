@@ -11,6 +11,16 @@ network through ``diffjax.parameterization`` (the network may predict any type):
   2021b ("Maximum Likelihood Training of Score-Based Diffusion Models", Thm. 1) up to constants;
   or ``weighting="sigma2"``: w = sigma^2 (equal to L_simple).
 
+* ``"vlb"`` (discrete chains): the DDPM bound L_T + N E_n[L_{n-1}] per example, one uniformly drawn
+  term per example (Ho et al. 2020 eq. 5; the terms live in ``diffjax.likelihood.ddpm_vlb_term``);
+* ``"hybrid"`` (discrete chains, learned variance): L_simple + vlb_weight L_vlb with the mean
+  stopped in L_vlb, so the bound trains only the variance (Nichol & Dhariwal 2021 sec. 3.1,
+  lambda = 0.001, L_vlb in bits/dim as their code).
+
+``learned_variance=True``: the network returns 2C channels on the last axis, the prediction and
+v in [-1, 1] with log variance = frac log beta + (1 - frac) log beta_tilde, frac = (v + 1) / 2
+(Nichol & Dhariwal eq. 15). ``prediction_only(model_fn)`` strips v for the samplers.
+
 Options: antithetic time sampling (t and its mirror t_eps + T - t in each pair of examples) and
 condition dropout for classifier-free guidance (each label replaced by ``null_label`` with
 probability ``cond_drop_prob``; Ho & Salimans 2022).
@@ -18,17 +28,20 @@ probability ``cond_drop_prob``; Ho & Salimans 2022).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from diffjax.likelihood import VLB_VARIANCES, ddpm_log_variance, ddpm_prior_kl, ddpm_vlb_term
 from diffjax.parameterization import Denoised, check_prediction, from_x0_eps, to_x0_eps
 from diffjax.schedules import DiscreteDDPM, Schedule, broadcast_time
 
-__all__ = ["OBJECTIVES", "make_loss", "sample_times", "drop_condition"]
+__all__ = ["OBJECTIVES", "make_loss", "sample_times", "drop_condition", "split_variance", "prediction_only"]
 
-OBJECTIVES = ("eps", "x0", "v", "dsm")
+OBJECTIVES = ("eps", "x0", "v", "dsm", "vlb", "hybrid")
+_LN2 = math.log(2.0)
 
 
 def sample_times(key, n: int, t_eps: float, t_max: float, antithetic: bool = False,
@@ -57,6 +70,21 @@ def drop_condition(key, labels, p: float, null_label: int):
     return jnp.where(drop, null_label, labels)
 
 
+def split_variance(output):
+    """Split a learned-variance output (..., 2C) into the prediction and frac = (v + 1) / 2 in [0, 1]."""
+    pred, v = jnp.split(output, 2, axis=-1)
+    return pred, (jnp.clip(v, -1.0, 1.0) + 1.0) / 2.0
+
+
+def prediction_only(model_fn: Callable) -> Callable:
+    """``model_fn`` with the learned-variance channels dropped, for samplers that use a fixed variance."""
+
+    def fn(*args, **kwargs):
+        return split_variance(model_fn(*args, **kwargs))[0]
+
+    return fn
+
+
 def make_loss(
     model_fn: Callable,
     schedule: Schedule,
@@ -69,12 +97,20 @@ def make_loss(
     antithetic: bool = False,
     cond_drop_prob: float = 0.0,
     null_label: Optional[int] = None,
+    learned_variance: bool = False,
+    vlb_variance: str = "posterior",
+    vlb_weight: float = 0.001,
+    decoder: str = "discretized",
+    num_bits: int = 8,
+    data_range=(-1.0, 1.0),
 ):
     """Build ``loss_fn(params, batch, key) -> (loss, aux)`` for ``model_fn(params, x, t, cond)``.
 
     ``batch`` is a dict with ``"x"`` (batch, ...) and optionally ``"label"`` (batch,) int.
     ``reduce``: per-example mean (``"mean"``) or sum (``"sum"``) over data dims.
     ``aux`` holds the per-example losses and the times drawn.
+    ``vlb_variance`` (objective "vlb" without a learned variance): "posterior" (beta_tilde) or
+    "large" (beta); ``decoder``, ``num_bits``, ``data_range``: the L_0 term's decoder.
     """
     check_prediction(prediction)
     if objective not in OBJECTIVES:
@@ -88,6 +124,17 @@ def make_loss(
     if cond_drop_prob > 0 and null_label is None:
         raise ValueError("cond_drop_prob > 0 needs null_label (the class index meaning 'no condition')")
     discrete = schedule.num_timesteps if isinstance(schedule, DiscreteDDPM) else None
+    if objective in ("vlb", "hybrid") and (discrete is None or discrete < 2):
+        raise ValueError(f"objective={objective!r} needs a DiscreteDDPM schedule with >= 2 steps; "
+                         f"got {type(schedule).__name__}")
+    if objective == "hybrid" and not learned_variance:
+        raise ValueError("objective='hybrid' trains the variance: set learned_variance=True")
+    if vlb_variance not in VLB_VARIANCES[:2]:
+        raise ValueError(f"vlb_variance must be one of {VLB_VARIANCES[:2]}; got {vlb_variance!r}")
+    if decoder not in ("discretized", "gaussian"):
+        raise ValueError(f"decoder must be 'discretized' or 'gaussian'; got {decoder!r}")
+    if vlb_weight < 0:
+        raise ValueError(f"vlb_weight must be >= 0; got {vlb_weight}")
     t_lo = float(schedule.t_min if t_eps is None else t_eps)
     t_hi = float(schedule.t_max)
     if not 0.0 <= t_lo < t_hi:
@@ -110,10 +157,21 @@ def make_loss(
         cond = label
         if label is not None and cond_drop_prob > 0:
             cond = drop_condition(k_drop, label, cond_drop_prob, null_label)
-        pred = model_fn(params, x_t, t.astype(x0.dtype), cond)
-        if pred.shape != x0.shape:
-            raise ValueError(f"model output shape {pred.shape} does not match x shape {x0.shape}")
+        out = model_fn(params, x_t, t.astype(x0.dtype), cond)
+        want = x0.shape[:-1] + (2 * x0.shape[-1],) if learned_variance else x0.shape
+        if out.shape != want:
+            raise ValueError(f"model output shape {out.shape} does not match {want} "
+                             f"(x shape {x0.shape}, learned_variance={learned_variance})")
+        pred, frac = split_variance(out) if learned_variance else (out, None)
         d = to_x0_eps(pred, prediction, x_t, t, schedule)
+        if objective in ("vlb", "hybrid"):
+            per_example = _vlb_loss(d, frac, x0, x_t, t, eps)
+        else:
+            err = _regression_error(d, x0, eps, x_t, t)
+            per_example = jnp.mean(err, -1) if reduce == "mean" else jnp.sum(err, -1)
+        return jnp.mean(per_example), {"loss_per_example": per_example, "t": t}
+
+    def _regression_error(d, x0, eps, x_t, t):
         if objective == "dsm":
             # ||s_hat - grad log q||^2 = ||eps_hat - eps||^2 / sigma^2 ; weight w(t)
             tb = broadcast_time(t, x0)
@@ -125,8 +183,25 @@ def make_loss(
         else:
             target = from_x0_eps(Denoised(x0, eps), objective, x_t, t, schedule)
             err = (from_x0_eps(d, objective, x_t, t, schedule) - target) ** 2
-        err = err.reshape(n, -1)
-        per_example = jnp.mean(err, -1) if reduce == "mean" else jnp.sum(err, -1)
-        return jnp.mean(per_example), {"loss_per_example": per_example, "t": t}
+        return err.reshape(x0.shape[0], -1)
+
+    def _vlb_loss(d, frac, x0, x_t, t, eps):
+        dims = math.prod(x0.shape[1:])
+        x0_hat = d.x0
+        if objective == "hybrid":
+            x0_hat = jax.lax.stop_gradient(x0_hat)  # the bound trains only the variance
+        if learned_variance:
+            log_var = ddpm_log_variance(schedule, broadcast_time(t, x0), "learned", frac)
+        else:
+            log_var = ddpm_log_variance(schedule, broadcast_time(t, x0), vlb_variance)
+        term = ddpm_vlb_term(schedule, x0, x_t, t, x0_hat, log_var,
+                             decoder=decoder, num_bits=num_bits, data_range=data_range)
+        bound = discrete * term  # N E_n[L_{n-1}]: unbiased for the sum over the chain
+        if objective == "vlb":
+            bound = bound + ddpm_prior_kl(schedule, x0)  # constant in the parameters; makes it the bound
+            return bound / dims if reduce == "mean" else bound
+        simple = jnp.sum(((d.eps - eps) ** 2).reshape(x0.shape[0], -1), -1)
+        bpd = bound / (dims * _LN2)
+        return (simple / dims + vlb_weight * bpd) if reduce == "mean" else (simple + vlb_weight * bpd * dims)
 
     return loss_fn

@@ -119,3 +119,78 @@ def test_bad_batch():
         loss_fn({}, {"x": jnp.zeros((4, 2)), "label": jnp.zeros((3,), jnp.int32)}, KEY)
     with pytest.raises(ValueError, match="output shape"):
         make_loss(lambda p, x, t, c: x[:, :1], diffjax.VPLinear())({}, {"x": jnp.zeros((4, 2))}, KEY)
+
+
+# ---- the DDPM bound as a training objective ------------------------------------------------
+
+def _learned_var_model(schedule, v_init=0.0):
+    """Oracle eps plus a shift, and a learned-variance channel v (same for every dim)."""
+    exact = RING.model_fn(schedule, "eps")
+
+    def model_fn(params, x, t, cond):
+        eps = exact(x, t, cond) + params["delta"]
+        return jnp.concatenate([eps, jnp.full_like(eps, params["v"])], axis=-1)
+
+    return model_fn
+
+
+def test_vlb_objective_is_unbiased_for_the_bound():
+    """E_n,x_n[N L_{n-1} + L_T] == ddpm_vlb's sum over the whole chain (N = 8, Gaussian decoder)."""
+    from diffjax.likelihood import ddpm_vlb
+
+    s = diffjax.DiscreteDDPM.linear(8, beta_start=0.01, beta_end=0.3)
+    x0 = RING.sample(KEY, 1)[0] / 4
+    exact = RING.model_fn(s, "eps")
+    loss_fn = jax.jit(make_loss(lambda p, x, t, c: exact(x, t, c), s, objective="vlb", reduce="sum",
+                                decoder="gaussian"))
+    xb = jnp.repeat(x0, 40000, axis=0)
+    mc = np.concatenate([np.asarray(loss_fn({}, {"x": xb}, jax.random.PRNGKey(i))[1]["loss_per_example"])
+                         for i in range(4)])
+    ref = np.mean([float(ddpm_vlb(exact, s, xb[:4000], key=jax.random.PRNGKey(10 + i),
+                                  decoder="gaussian")[1]["total"].mean()) for i in range(4)])
+    se = mc.std() / np.sqrt(mc.size)
+    assert abs(mc.mean() - ref) < 4 * se + 1e-3 * abs(ref), (mc.mean(), ref, se)
+
+
+def test_vlb_exact_model_beats_perturbed_and_learned_variance_endpoints():
+    s = diffjax.DiscreteDDPM.linear(50, beta_start=1e-3, beta_end=0.2)
+    x = RING.sample(KEY, 2048)[0]  # the oracle's own data: it is the Bayes-optimal mean
+    batch, k = {"x": x}, jax.random.PRNGKey(2)
+    fixed = jax.jit(make_loss(_oracle_model(s), s, objective="vlb", decoder="gaussian"))
+    assert float(fixed({"delta": 0.1}, batch, k)[0]) > float(fixed({"delta": 0.0}, batch, k)[0])
+    learned = jax.jit(make_loss(_learned_var_model(s), s, objective="vlb", learned_variance=True,
+                                decoder="gaussian"))
+    large = make_loss(_oracle_model(s), s, objective="vlb", vlb_variance="large", decoder="gaussian")
+    # v = -1 -> beta_tilde, v = +1 -> beta
+    chex.assert_trees_all_close(learned({"delta": 0.0, "v": -1.0}, batch, k)[0], fixed({"delta": 0.0}, batch, k)[0],
+                                rtol=1e-5)
+    chex.assert_trees_all_close(learned({"delta": 0.0, "v": 1.0}, batch, k)[0], large({"delta": 0.0}, batch, k)[0],
+                                rtol=1e-5)
+
+
+def test_hybrid_trains_the_mean_only_through_l_simple():
+    s = diffjax.DiscreteDDPM.linear(50, beta_start=1e-3, beta_end=0.2)
+    x = RING.sample(KEY, 512)[0]
+    batch, k = {"x": x}, jax.random.PRNGKey(3)
+    params = {"delta": 0.05, "v": 0.3}
+    hybrid = make_loss(_learned_var_model(s), s, objective="hybrid", learned_variance=True, vlb_weight=0.5,
+                       decoder="gaussian")
+    simple = make_loss(_oracle_model(s), s, objective="eps")
+    g_h = jax.grad(lambda p: hybrid(p, batch, k)[0])(params)
+    g_s = jax.grad(lambda p: simple(p, batch, k)[0])({"delta": 0.05})
+    chex.assert_trees_all_close(g_h["delta"], g_s["delta"], rtol=1e-5)
+    assert abs(float(g_h["v"])) > 0
+
+
+def test_vlb_objective_errors():
+    m = _oracle_model(diffjax.VPLinear())
+    with pytest.raises(ValueError, match="DiscreteDDPM"):
+        make_loss(m, diffjax.VPLinear(), objective="vlb")
+    with pytest.raises(ValueError, match="learned_variance"):
+        make_loss(m, diffjax.DiscreteDDPM.linear(10), objective="hybrid")
+    with pytest.raises(ValueError, match="vlb_variance"):
+        make_loss(m, diffjax.DiscreteDDPM.linear(10), objective="vlb", vlb_variance="big")
+    s = diffjax.DiscreteDDPM.linear(10)
+    loss = make_loss(_oracle_model(s), s, objective="vlb", learned_variance=True)
+    with pytest.raises(ValueError, match="learned_variance=True"):
+        loss({"delta": 0.0}, {"x": jnp.zeros((4, 2))}, KEY)
