@@ -18,6 +18,7 @@ import math
 from typing import Callable, NamedTuple, Optional
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,7 +188,7 @@ def _log_likelihood_impl(model_fn, schedule, x, key, cond, prior_logp, config, r
     return LikelihoodResult(logp_z + delta, jnp.asarray(nfe), z)
 
 
-_log_likelihood_jit = jax.jit(_log_likelihood_impl, static_argnames=("model_fn", "prior_logp", "config"))
+_log_likelihood_jit = eqx.filter_jit(_log_likelihood_impl)
 
 
 # ---- discrete data ------------------------------------------------------------------------
@@ -407,7 +408,7 @@ def _ddpm_vlb_impl(model_fn, schedule, x0, key, cond, config):
     return total / (d * _LN2), {"prior": l_T, "diffusion": l_mid, "decoder": l_0, "total": total}
 
 
-_ddpm_vlb_jit = jax.jit(_ddpm_vlb_impl, static_argnames=("model_fn", "config"))
+_ddpm_vlb_jit = eqx.filter_jit(_ddpm_vlb_impl)
 
 
 # ---- evaluation entry point -------------------------------------------------------------------

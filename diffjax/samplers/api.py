@@ -6,9 +6,9 @@ Underneath, each method is a pure low-level function of (denoiser, schedule, x_T
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,7 +90,7 @@ def _grid(schedule, method, num_steps, t_start, t_end, grid, options, clean_end)
     return make_grid(schedule, t_start, t_end, num_steps, grid)
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "config"))
+@eqx.filter_jit
 def _sample_jit(model_fn, schedule, x_T, ts, key, cond, config):
     method, prediction, final_to_zero, denoise_final, options = config
     options = dict(options)
@@ -142,7 +142,9 @@ def sample(
 
     Args:
       model_fn: ``model_fn(x, t)`` or ``model_fn(x, t, cond)``; ``t`` arrives as a float array of
-        shape (batch,) in the schedule's time units, the output has the shape of ``x``.
+        shape (batch,) in the schedule's time units, the output has the shape of ``x``. A pytree
+        callable such as ``jax.tree_util.Partial(apply, params)`` has its arrays traced, so new
+        parameters reuse the compiled loop; a plain function is part of the compiled program.
       schedule: any ``diffjax.schedules.Schedule``.
       x_T: the starting point at ``t_start`` (e.g. ``schedule.prior_sample``).
       method: one of ``METHODS``: ``ddpm``, ``ddim`` (option ``eta``), ``euler_maruyama``,

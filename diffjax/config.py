@@ -1,0 +1,81 @@
+"""The config schema: every field the training job reads, with defaults (the digits run).
+
+Experiment configs under ``experiments/configs/`` start from ``base()`` and change what they need.
+
+Names that scripts and users rely on: ``seed``, ``data.dataset``, ``training.batch_size``,
+``training.num_steps``.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = d = ml_collections.ConfigDict()
+    d.dataset = "digits"
+    d.data_dir = config_dict.placeholder(str)  # None: $DIFFJAX_DATA_DIR or ~/.cache/diffjax/tensorflow_datasets
+    d.dequantize = True
+    d.random_flip = False
+
+    c.model = m = ml_collections.ConfigDict()
+    m.name = "unet"
+    m.ch = 64
+    m.ch_mult = (1, 2)
+    m.num_res_blocks = 2
+    m.attn_resolutions = (4,)
+    m.dropout = 0.1
+    m.num_classes = config_dict.placeholder(int)  # an int: class-conditional, with a learned null class
+
+    c.diffusion = f = ml_collections.ConfigDict()
+    f.schedule = "vp_linear"
+    f.beta_min, f.beta_max = 0.1, 20.0  # VP / sub-VP
+    f.sigma_min, f.sigma_max = 0.01, 50.0  # VE
+    f.num_timesteps = 1000  # discrete DDPM chains
+    f.prediction = "eps"
+    f.objective = "eps"
+    f.weighting = "likelihood"  # objective "dsm" only
+    f.antithetic = True
+    f.cond_drop_prob = 0.1  # used when model.num_classes is set
+    f.learned_variance = False
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.optimizer = "adam"
+    o.learning_rate = 2e-3
+    o.warmup_steps = 100
+    o.grad_clip = 1.0
+    o.weight_decay = 0.0
+    o.ema_decay = 0.999
+
+    c.training = t = ml_collections.ConfigDict()
+    t.batch_size = 128
+    t.num_steps = 3000
+    t.steps_per_call = 1
+    t.log_every = 50
+    t.checkpoint_every = 500
+    t.max_to_keep = 3
+    t.param_sharding = "replicated"  # or "fsdp": shard each large parameter (and its moments) over devices
+    t.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated under "fsdp"
+    t.num_devices = config_dict.placeholder(int)  # None: every device of every process
+
+    c.sample = s = ml_collections.ConfigDict()
+    s.method = "dpm_solver++_2m"
+    s.num_steps = 20
+    s.num_samples = 100
+    s.png_scale = 4
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.split = "test"
+    e.num_examples = 297
+    e.batch_size = 297
+    e.trace = "exact"
+    e.rtol = 1e-3
+    e.atol = 1e-3
+    return c
+
+
+def get_config():
+    """The default config (``--config`` may point at this file or at any experiments/configs/*.py)."""
+    return base()

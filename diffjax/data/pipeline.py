@@ -1,0 +1,204 @@
+"""Training and evaluation batches: every batch a pure function of (seed, step, process).
+
+Image sets (TFDS, read by random access through ``tfds`` data sources and grain, no TensorFlow).
+The training stream is one infinite ``grain.MapDataset`` whose element i is computed on demand,
+with no iterator state:
+
+    element i = augment_{aug_seed, i}(train[perm_e(i mod N)]),   epoch e = i // N,
+
+where ``perm_e`` is grain's ``shuffle``: a bijective index permutation (``index_shuffle``, a few
+Feistel-like rounds per index, no O(N) table) seeded with ``shuffle_seed + e`` once ``repeat``
+has made the stream infinite, so every epoch is a fresh permutation and stream elements
+[eN, (e+1)N) are exactly epoch e. ``augment`` (``random_map``) draws the optional horizontal
+flip and the dequantization noise from Philox keyed by ``(aug_seed, i)``. ``shuffle_seed`` and
+``aug_seed`` are hashed from ``seed`` (``np.random.SeedSequence``): grain seeds epoch e with
+``seed + e``, so unhashed, seed 1 would replay seed 0's epochs shifted by one.
+
+Global batch s is stream elements [sB, (s+1)B); process p of P owns the contiguous slice
+[sB + pb, sB + (p+1)b), b = B / P. Batching the stream by b and taking every P-th batch from
+``start_step * P + p`` yields exactly that slice for s = start_step, start_step + 1, ... Hence
+P processes together see the single-process batch (noise and flips included: they are keyed by
+stream position, not by process), resuming at ``start_step=k`` reproduces an uninterrupted run
+bitwise, and batches straddle epoch boundaries when B does not divide N (no example is dropped).
+grain's ``to_iter_dataset`` then prefetches the next batches in a few threads.
+
+Pixels u in {0..2^n - 1} map to [-1, 1] by uniform dequantization, x = -1 + 2 (u + U) / 2^n with
+U ~ U[0, 1) (``diffjax.likelihood.dequantize``'s convention and range, drawn here in NumPy on the
+host), or, with ``dequantize=False``, onto the bin centres x = -1 + 2 u / (2^n - 1) that
+``diffjax.likelihood.ddpm_vlb``'s discretized decoder expects.
+
+Toy sets are sampled afresh for every step from ``fold_in(PRNGKey(seed), step)``: the global
+batch is drawn whole and process p keeps its slice, so the same guarantees hold.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+
+from diffjax.data import images, toy
+from diffjax.data.spec import DatasetSpec
+
+SPECS: dict[str, DatasetSpec] = {
+    **{name: entry.spec for name, entry in images.IMAGE_DATASETS.items()},
+    **toy.TOY_SPECS,
+}
+DATA_RANGE = (-1.0, 1.0)
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The spec (shape, num_classes, num_bits, kind) of data set ``name``."""
+    if name not in SPECS:
+        raise ValueError(f"unknown data set {name!r}; known data sets: {', '.join(sorted(SPECS))}")
+    return SPECS[name]
+
+
+def to_data_range(u, num_bits: int, noise=None) -> np.ndarray:
+    """n-bit integers to [-1, 1]: -1 + 2 (u + noise) / 2^n (dequantized), else -1 + 2 u / (2^n - 1)."""
+    lo, hi = DATA_RANGE
+    u = np.asarray(u, np.float32)
+    if noise is None:
+        return (lo + (hi - lo) * u / (2**num_bits - 1)).astype(np.float32)
+    return (lo + (hi - lo) * (u + noise) / 2**num_bits).astype(np.float32)
+
+
+def augment(example: dict, rng: np.random.Generator, *, num_bits: int, dequantize: bool,
+            random_flip: bool) -> dict:
+    """Optional horizontal flip (p = 1/2), then the map to [-1, 1] (dequantized or bin centres)."""
+    image = example["image"]
+    if random_flip and rng.random() < 0.5:
+        image = image[:, ::-1]
+    noise = rng.random(image.shape, dtype=np.float32) if dequantize else None
+    return {"x": to_data_range(image, num_bits, noise), "label": example["label"]}
+
+
+def _stream_seeds(seed: int) -> tuple[int, int]:
+    """(shuffle_seed, aug_seed): two uint32 seeds hashed from ``seed``."""
+    shuffle_seed, aug_seed = np.random.SeedSequence(seed).generate_state(2)
+    return int(shuffle_seed), int(aug_seed)
+
+
+def _check_train_args(global_batch_size, seed, start_step, process_index, process_count):
+    if not (isinstance(process_count, (int, np.integer)) and process_count >= 1):
+        raise ValueError(f"process_count must be a positive integer; got {process_count!r}")
+    if not (isinstance(global_batch_size, (int, np.integer)) and global_batch_size > 0
+            and global_batch_size % process_count == 0):
+        raise ValueError(f"global_batch_size must be a positive multiple of process_count="
+                         f"{process_count}; got global_batch_size={global_batch_size!r}")
+    if not (isinstance(process_index, (int, np.integer)) and 0 <= process_index < process_count):
+        raise ValueError(f"process_index must be in [0, {process_count}); got {process_index!r}")
+    for arg, value in (("seed", seed), ("start_step", start_step)):
+        if not (isinstance(value, (int, np.integer)) and value >= 0):
+            raise ValueError(f"{arg} must be a non-negative integer; got {value!r}")
+
+
+def train_batches(
+    name: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    dequantize: bool = True,
+    random_flip: bool = False,
+    data_dir: Optional[str] = None,
+    num_threads: int = 4,
+) -> Iterator[dict]:
+    """This process's slice of global batches start_step, start_step + 1, ... (infinite).
+
+    Yields ``{"x": float32 (global_batch_size // process_count, *shape), "label": int32 (b,)}``;
+    image x lies in [-1, 1]. Unlabelled sets (``celeb_a``, ``checkerboard``) give zero labels.
+    ``dequantize`` and ``random_flip`` apply to images only (toy data is continuous; asking to
+    flip it is an error). ``num_threads``: grain threads prefetching image batches.
+    Batch s is a pure function of (name, seed, s, process_index); see the module docstring.
+    """
+    spec = get_spec(name)
+    _check_train_args(global_batch_size, seed, start_step, process_index, process_count)
+    local = global_batch_size // process_count
+    if spec.kind == "toy":
+        if random_flip:
+            raise ValueError(f"random_flip applies to images; {name!r} is a toy data set")
+        return _toy_train_batches(name, global_batch_size, local, seed, start_step, process_index)
+    shuffle_seed, aug_seed = _stream_seeds(seed)
+    entry = images.IMAGE_DATASETS[name]
+    stream = (
+        _decoded(entry, images.open_split(name, "train", data_dir))
+        .shuffle(seed=shuffle_seed)
+        .repeat()
+        .random_map(functools.partial(augment, num_bits=spec.num_bits, dequantize=dequantize,
+                                      random_flip=random_flip), seed=aug_seed)
+    )
+    batches = stream.batch(local)[start_step * process_count + process_index::process_count]
+    return _prefetch(batches, num_threads)
+
+
+def _decoded(entry, source):
+    """The grain MapDataset of decoded examples {"image": uint8, "label": int32} of a source."""
+    import grain  # noqa: PLC0415
+
+    return grain.MapDataset.source(source).map(functools.partial(images.decode, entry))
+
+
+def _prefetch(dataset, num_threads: int) -> Iterator[dict]:
+    """Iterate a grain MapDataset in order, reading ahead with ``num_threads`` threads."""
+    import grain  # noqa: PLC0415
+
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * num_threads, 1))
+    return iter(dataset.to_iter_dataset(options))
+
+
+def toy_train_batch(name: str, global_batch_size: int, seed: int, step: int):
+    """Global toy batch ``step``: ``global_batch_size`` samples from fold_in(PRNGKey(seed), step)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    return toy.sample_toy(name, key, global_batch_size)
+
+
+def _toy_train_batches(name, global_batch_size, local, seed, start_step, process_index):
+    for step in range(start_step, sys.maxsize):
+        x, labels = toy_train_batch(name, global_batch_size, seed, step)
+        lo = process_index * local
+        yield {"x": x[lo:lo + local], "label": labels[lo:lo + local]}
+
+
+def eval_batches(
+    name: str,
+    *,
+    split: str = "test",
+    batch_size: int,
+    num_examples: Optional[int] = None,
+    data_dir: Optional[str] = None,
+) -> Iterator[dict]:
+    """The first ``num_examples`` (default all) of ``split`` in order, in batches (last one smaller).
+
+    Images: ``{"x": uint8 (b, *shape) in 0..2^n - 1, "label": int32 (b,)}``, for
+    ``evaluate_nll(..., discrete=True, num_bits=8)``. Toy sets: each split is a fixed sample of
+    ``toy.TOY_EVAL_SIZE`` examples (key from the split's name, never a training key), ``x``
+    float32, for ``discrete=False``. Feed ``(b["x"] for b in eval_batches(...))``.
+    """
+    spec = get_spec(name)
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size > 0):
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    if num_examples is not None and not (isinstance(num_examples, (int, np.integer)) and num_examples > 0):
+        raise ValueError(f"num_examples must be a positive integer or None; got {num_examples!r}")
+    if spec.kind == "toy":
+        return _toy_eval_batches(name, split, batch_size, num_examples)
+    entry = images.IMAGE_DATASETS[name]
+    examples = _decoded(entry, images.open_split(name, split, data_dir))[:num_examples]
+    return iter(examples.map(_image_as_x).batch(batch_size))
+
+
+def _image_as_x(example: dict) -> dict:
+    """{"image", "label"} -> {"x", "label"}: integer pixels kept as they are (for bits/dim)."""
+    return {"x": example["image"], "label": example["label"]}
+
+
+def _toy_eval_batches(name, split, batch_size, num_examples):
+    n = toy.TOY_EVAL_SIZE if num_examples is None else min(num_examples, toy.TOY_EVAL_SIZE)
+    x, labels = toy.sample_toy(name, toy.eval_key(name, split), n)  # a prefix of the whole split
+    for lo in range(0, len(x), batch_size):
+        yield {"x": x[lo:lo + batch_size], "label": labels[lo:lo + batch_size]}

@@ -1,0 +1,27 @@
+"""What a data set is (``DatasetSpec``) and where built data lives (``default_data_dir``)."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+DATA_DIR_ENV = "DIFFJAX_DATA_DIR"
+
+
+class DatasetSpec(NamedTuple):
+    """Shape of one example, classes (None: unconditional), bits (None: continuous), kind."""
+
+    shape: tuple[int, ...]
+    num_classes: Optional[int]
+    num_bits: Optional[int]
+    kind: str  # "image" (n-bit, TFDS) or "toy" (continuous, generated in-process)
+
+
+def default_data_dir(data_dir: Optional[str] = None) -> str:
+    """The data dir: ``data_dir`` if given, else $DIFFJAX_DATA_DIR, else a user cache dir."""
+    if data_dir is not None:
+        return os.path.expanduser(os.fspath(data_dir))
+    if os.environ.get(DATA_DIR_ENV):
+        return os.path.expanduser(os.environ[DATA_DIR_ENV])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "diffjax", "tensorflow_datasets")

@@ -1,0 +1,349 @@
+"""U-Net denoiser in the DDPM++ / ADM style (Song et al. 2021 App. H; Dhariwal & Nichol 2021).
+
+``UNet()(x, t, cond, train=...)`` maps x of shape (B, H, W, C) (NHWC), times t of shape (B,) in
+the schedule's units and optional int labels (B,) to a prediction of shape (B, H, W, out_channels).
+
+Layout (DDPM++): a 3x3 input conv; for each entry m of ``ch_mult`` a level of ``num_res_blocks``
+residual blocks with ``ch * m`` channels (self-attention after each block where the spatial size
+is in ``attn_resolutions``) followed by a 2x downsampling except at the last level; a middle
+block (res, attention, res); the mirrored up path with ``num_res_blocks + 1`` blocks per level,
+each taking a skip connection; GroupNorm, SiLU and a zero-initialised 3x3 output conv.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffjax.models.embeddings import (
+    ClassEmbedding,
+    TimeEmbedding,
+    check_embedding_fields,
+    check_int,
+    check_time,
+    default_init,
+)
+
+__all__ = ["UNet", "ResBlock", "AttnBlock", "Downsample", "Upsample", "default_num_groups"]
+
+_ZERO = nn.initializers.zeros
+
+
+def default_num_groups(channels: int) -> int:
+    """GroupNorm groups: the largest divisor of C not above min(32, C // 4) (DDPM++ rule, Song et al. 2021).
+
+    Equals DDPM++'s min(32, C // 4) whenever that divides C, and stays valid otherwise (e.g. 24
+    groups for the 144 channels of a skip concatenation where DDPM++ would ask for 32).
+    """
+    cap = max(1, min(32, channels // 4))
+    return next(g for g in range(cap, 0, -1) if channels % g == 0)
+
+
+def _groups(channels: int, num_groups: Optional[int]) -> int:
+    return default_num_groups(channels) if num_groups is None else num_groups
+
+
+def _norm(channels: int, num_groups: Optional[int], name: str) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=_groups(channels, num_groups), epsilon=1e-6, name=name)
+
+
+def _conv(features: int, kernel: int = 3, stride: int = 1, zero: bool = False, name=None) -> nn.Conv:
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
+                   kernel_init=_ZERO if zero else default_init(), name=name)
+
+
+def _upsample_nearest(x):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _downsample_avg(x):
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Downsample(nn.Module):
+    """Plain 2x downsampling by a stride-2 3x3 convolution (Ho et al. 2020)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return _conv(x.shape[-1], stride=2, name="conv")(x)
+
+
+class Upsample(nn.Module):
+    """Plain 2x upsampling: nearest-neighbour resize then a 3x3 convolution (Ho et al. 2020)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return _conv(x.shape[-1], name="conv")(_upsample_nearest(x))
+
+
+class ResBlock(nn.Module):
+    """Residual block with time conditioning; BigGAN-style up/down inside it (Song et al. 2021 ResnetBlockBigGANpp).
+
+    ``scale_shift``: h = GroupNorm(h) (1 + s) + b with (s, b) from the embedding (FiLM; ADM's
+    use_scale_shift_norm); otherwise the embedding is added before the second norm (DDPM).
+    The second conv is zero-initialised so the block starts as the identity (up to rescaling).
+    """
+
+    out_ch: int
+    num_groups: Optional[int] = None
+    dropout: float = 0.0
+    scale_shift: bool = False
+    skip_rescale: bool = True
+    up: bool = False
+    down: bool = False
+
+    @nn.compact
+    def __call__(self, x, emb, train: bool = False):
+        in_ch = x.shape[-1]
+        h = nn.silu(_norm(in_ch, self.num_groups, "norm0")(x))
+        if self.up:
+            h, x = _upsample_nearest(h), _upsample_nearest(x)
+        elif self.down:
+            h, x = _downsample_avg(h), _downsample_avg(x)
+        h = _conv(self.out_ch, name="conv0")(h)
+        n_emb = 2 * self.out_ch if self.scale_shift else self.out_ch
+        e = nn.Dense(n_emb, kernel_init=default_init(), name="emb")(nn.silu(emb))[:, None, None, :]
+        if self.scale_shift:
+            scale, shift = jnp.split(e, 2, axis=-1)
+            h = _norm(self.out_ch, self.num_groups, "norm1")(h) * (1.0 + scale) + shift
+        else:
+            h = _norm(self.out_ch, self.num_groups, "norm1")(h + e)
+        h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=not train)
+        h = _conv(self.out_ch, zero=True, name="conv1")(h)
+        if in_ch != self.out_ch or self.up or self.down:  # as in ResnetBlockBigGANpp
+            x = _conv(self.out_ch, kernel=1, name="skip")(x)
+        out = x + h
+        return out / math.sqrt(2.0) if self.skip_rescale else out
+
+
+class AttnBlock(nn.Module):
+    """Multi-head self-attention over spatial positions, residual, zero-initialised output (Vaswani et al. 2017; Ho et al. 2020)."""
+
+    num_heads: int = 1
+    num_groups: Optional[int] = None
+    skip_rescale: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        b, hgt, wid, c = x.shape
+        if c % self.num_heads:
+            raise ValueError(f"attention channels {c} not divisible by num_heads={self.num_heads}")
+        d = c // self.num_heads
+        h = _norm(c, self.num_groups, "norm")(x).reshape(b, hgt * wid, c)
+        qkv = nn.Dense(3 * c, kernel_init=default_init(), name="qkv")(h)
+        q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3 * self.num_heads, d), 3, axis=2)
+        a = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
+        out = x + nn.Dense(c, kernel_init=_ZERO, name="out")(a).reshape(b, hgt, wid, c)
+        return out / math.sqrt(2.0) if self.skip_rescale else out
+
+
+class UNet(nn.Module):
+    """DDPM++ / ADM U-Net eps/x0/v/score network (Song et al. 2021 App. H; Dhariwal & Nichol 2021).
+
+    Defaults are the DDPM++ (VP) CIFAR-10 configuration of score_sde (62.86M parameters at
+    32x32x3; score_sde's 61.8M has one attention per up level instead of one after every block,
+    as here, in DDPM and ADM); ``num_res_blocks=2, resblock_updown=False, skip_rescale=False`` is
+    the DDPM CIFAR-10 network of Ho et al. 2020 (35.7M parameters, as reported there).
+
+    Attributes:
+      ch: base channel count; level i has ``ch * ch_mult[i]`` channels.
+      ch_mult: channel multiplier per resolution level; len(ch_mult) - 1 downsamplings, so
+        H and W must be divisible by 2 ** (len(ch_mult) - 1).
+      num_res_blocks: residual blocks per level on the way down (one more on the way up).
+      attn_resolutions: spatial sizes (height of the feature map) after whose residual blocks
+        self-attention is applied; each must be reached (H / 2^i for some level i).
+      num_heads: attention heads; ignored when ``head_channels`` is set.
+      head_channels: channels per head (ADM's num_head_channels); heads = C // head_channels.
+      mid_attn: self-attention in the middle block (always in DDPM++ / ADM).
+      dropout: dropout rate in each residual block; active only with ``train=True`` and a
+        'dropout' rng.
+      num_classes: if set, a learned class embedding with ``num_classes + 1`` rows is added to
+        the time embedding; label ``num_classes`` (and ``cond=None``) is the null class of
+        classifier-free guidance.
+      embedding: "positional" (sinusoidal, DDPM) or "fourier" (Gaussian Fourier features, score_sde).
+      time_scale: t (in schedule units) is multiplied by this before embedding; None means 1000
+        for "positional" (DDPM step indices for a VP schedule with t in [0, 1]) and 1 for
+        "fourier" (e.g. when t is a log-sigma-like quantity).
+      fourier_scale: standard deviation of the Fourier frequencies (16 in score_sde).
+      resblock_updown: down/up-sample inside residual blocks (BigGAN, DDPM++) instead of a
+        stride-2 conv / nearest resize + conv.
+      skip_rescale: divide every residual sum by sqrt(2) (DDPM++).
+      scale_shift: FiLM conditioning GroupNorm(h) (1 + s) + b (ADM) instead of adding the embedding.
+      num_groups: GroupNorm groups for every norm (each channel count must be divisible by it);
+        None means ``default_num_groups(C)`` per channel count C: min(32, C // 4) as in DDPM++,
+        lowered to the nearest divisor of C where that does not divide C.
+      out_channels: output channels; None means the input's channel count.
+    """
+
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 2, 2, 2)
+    num_res_blocks: int = 4
+    attn_resolutions: Sequence[int] = (16,)
+    num_heads: int = 1
+    head_channels: Optional[int] = None
+    mid_attn: bool = True
+    dropout: float = 0.1
+    num_classes: Optional[int] = None
+    embedding: str = "positional"
+    time_scale: Optional[float] = None
+    fourier_scale: float = 16.0
+    resblock_updown: bool = True
+    skip_rescale: bool = True
+    scale_shift: bool = False
+    num_groups: Optional[int] = None
+    out_channels: Optional[int] = None
+
+    def __post_init__(self):
+        self._check_fields()
+        super().__post_init__()
+
+    # ---- validation -------------------------------------------------------------------------
+    def _check_fields(self) -> None:
+        check_int("ch", self.ch)
+        if len(tuple(self.ch_mult)) == 0:
+            raise ValueError("ch_mult must be a non-empty tuple of positive ints; got ()")
+        for m in self.ch_mult:
+            check_int("ch_mult entry", m)
+        check_int("num_res_blocks", self.num_res_blocks)
+        for r in self.attn_resolutions:
+            check_int("attn_resolutions entry", r)
+        check_int("num_heads", self.num_heads)
+        check_int("head_channels", self.head_channels, optional=True)
+        check_int("out_channels", self.out_channels, optional=True)
+        check_int("num_groups", self.num_groups, optional=True)
+        check_embedding_fields(self.embedding, self.time_scale, self.fourier_scale,
+                               self.num_classes, self.dropout)
+        for c in sorted(self._normalized_channels()):
+            if self.num_groups is not None and c % self.num_groups:
+                raise ValueError(
+                    f"num_groups={self.num_groups} does not divide the {c} channels of a GroupNorm "
+                    f"(ch={self.ch}, ch_mult={tuple(self.ch_mult)}); choose a divisor of every "
+                    f"channel count or leave num_groups=None"
+                )
+
+    def _normalized_channels(self) -> set:
+        """Every channel count a GroupNorm sees (inputs and outputs of all blocks, skips included)."""
+        chans = [self.ch * m for m in self.ch_mult]
+        seen, skips, h = set(), [chans[0]], chans[0]
+        for lvl, c in enumerate(chans):
+            for _ in range(self.num_res_blocks):
+                seen.update((h, c))
+                h = c
+                skips.append(h)
+            if lvl != len(chans) - 1:
+                seen.add(h)
+                skips.append(h)
+        seen.add(h)
+        for lvl in reversed(range(len(chans))):
+            for _ in range(self.num_res_blocks + 1):
+                seen.update((h + skips.pop(), chans[lvl]))
+                h = chans[lvl]
+            seen.add(h)
+        return seen
+
+    def resolutions(self, height: int) -> tuple:
+        """Feature-map heights of the levels for an input of the given height."""
+        n_down = len(tuple(self.ch_mult)) - 1
+        if height % (2**n_down):
+            raise ValueError(
+                f"input resolution {height} is not divisible by 2^{n_down} = {2**n_down}, the total "
+                f"downsampling of ch_mult={tuple(self.ch_mult)} (it would reach the odd size "
+                f"{_first_odd(height, n_down)}); use a shorter ch_mult or pad the input"
+            )
+        return tuple(height // 2**i for i in range(n_down + 1))
+
+    def _heads(self, channels: int) -> int:
+        return self.num_heads if self.head_channels is None else channels // self.head_channels
+
+    # ---- forward ----------------------------------------------------------------------------
+    @nn.compact
+    def __call__(self, x, t, cond=None, *, train: bool = False):
+        x = jnp.asarray(x)
+        if x.ndim != 4:
+            raise ValueError(f"UNet input x must have rank 4 (B, H, W, C) (NHWC); got shape {x.shape}")
+        b, hgt, wid, c_in = x.shape
+        res = self.resolutions(hgt)
+        if wid % (2 ** (len(res) - 1)):
+            raise ValueError(f"input width {wid} is not divisible by 2^{len(res) - 1}, the total "
+                             f"downsampling of ch_mult={tuple(self.ch_mult)}")
+        missing = sorted(set(self.attn_resolutions) - set(res))
+        if missing:
+            raise ValueError(f"attn_resolutions {missing} are never reached: with input height {hgt} "
+                             f"and ch_mult={tuple(self.ch_mult)} the levels have sizes {list(res)}")
+        attn_levels = [i for i, r in enumerate(res) if r in self.attn_resolutions]
+        if self.mid_attn:
+            attn_levels.append(len(res) - 1)
+        for i in attn_levels:
+            c = self.ch * self.ch_mult[i]
+            field = "num_heads" if self.head_channels is None else "head_channels"
+            value = self.num_heads if self.head_channels is None else self.head_channels
+            if c % value:
+                raise ValueError(f"{field}={value} must divide the {c} channels of the attention "
+                                 f"at resolution {res[i]} (ch={self.ch}, ch_mult={tuple(self.ch_mult)})")
+        if cond is not None and self.num_classes is None:
+            raise ValueError("cond was given but num_classes is None (an unconditional UNet)")
+        t = check_time(t, b)
+        out_ch = c_in if self.out_channels is None else self.out_channels
+        chans = [self.ch * m for m in self.ch_mult]
+
+        temb_dim = 4 * self.ch
+        emb = TimeEmbedding(temb_dim, self.ch, self.embedding, self.time_scale, self.fourier_scale,
+                            name="time_embed")(t)
+        if self.num_classes is not None:
+            emb = emb + ClassEmbedding(self.num_classes, temb_dim, name="class_embed")(cond, b)
+
+        def resblock(h, c, name, up=False, down=False):
+            return ResBlock(c, self.num_groups, self.dropout, self.scale_shift, self.skip_rescale,
+                            up=up, down=down, name=name)(h, emb, train)
+
+        def attn(h, name):
+            return AttnBlock(self._heads(h.shape[-1]), self.num_groups, self.skip_rescale, name=name)(h)
+
+        h = _conv(chans[0], name="conv_in")(x)
+        skips = [h]
+        for lvl, c in enumerate(chans):
+            r = res[lvl]
+            for i in range(self.num_res_blocks):
+                h = resblock(h, c, f"down_r{r}_res{i}")
+                if r in self.attn_resolutions:
+                    h = attn(h, f"down_r{r}_attn{i}")
+                skips.append(h)
+            if lvl != len(chans) - 1:
+                if self.resblock_updown:
+                    h = resblock(h, c, f"down_r{r}_downsample", down=True)
+                else:
+                    h = Downsample(name=f"down_r{r}_downsample")(h)
+                skips.append(h)
+
+        h = resblock(h, chans[-1], "mid_res0")
+        if self.mid_attn:
+            h = attn(h, "mid_attn")
+        h = resblock(h, chans[-1], "mid_res1")
+
+        for lvl in reversed(range(len(chans))):
+            r, c = res[lvl], chans[lvl]
+            for i in range(self.num_res_blocks + 1):
+                h = resblock(jnp.concatenate([h, skips.pop()], axis=-1), c, f"up_r{r}_res{i}")
+                if r in self.attn_resolutions:
+                    h = attn(h, f"up_r{r}_attn{i}")
+            if lvl != 0:
+                if self.resblock_updown:
+                    h = resblock(h, c, f"up_r{r}_upsample", up=True)
+                else:
+                    h = Upsample(name=f"up_r{r}_upsample")(h)
+        assert not skips
+
+        h = nn.silu(_norm(h.shape[-1], self.num_groups, "norm_out")(h))
+        return _conv(out_ch, zero=True, name="conv_out")(h)
+
+
+def _first_odd(height: int, n_down: int) -> int:
+    for _ in range(n_down):
+        if height % 2:
+            return height
+        height //= 2
+    return height

@@ -1,0 +1,149 @@
+"""From a config to the library's objects: the one place config names map to schedules, models, losses.
+
+Every check names the config field it rejects (``config.model.name``, ``config.optim.learning_rate``,
+...), before anything is compiled or a data set is touched.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from diffjax import data as data_lib
+from diffjax import models as models_lib
+from diffjax.losses import OBJECTIVES, make_loss
+from diffjax.parameterization import PREDICTION_TYPES
+from diffjax.samplers import METHODS
+from diffjax.schedules import VE, DiscreteDDPM, RectifiedFlow, SubVP, VPCosine, VPLinear
+from diffjax.training.state import make_optimizer
+from diffjax.training.step import PARAM_SHARDINGS
+
+__all__ = ["SCHEDULES", "ConfigError", "validate_config", "build_schedule", "build_model", "build_loss",
+           "build_optimizer"]
+
+SCHEDULES = {
+    "vp_linear": lambda c: VPLinear(beta_min=c.beta_min, beta_max=c.beta_max),
+    "vp_cosine": lambda c: VPCosine(),
+    "subvp": lambda c: SubVP(beta_min=c.beta_min, beta_max=c.beta_max),
+    "ve": lambda c: VE(sigma_min=c.sigma_min, sigma_max=c.sigma_max),
+    "rectified_flow": lambda c: RectifiedFlow(),
+    "ddpm_linear": lambda c: DiscreteDDPM.linear(c.num_timesteps),
+    "ddpm_cosine": lambda c: DiscreteDDPM.cosine(c.num_timesteps),
+}
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the run cannot use; the message names the field."""
+
+
+def _fail(field: str, msg: str):
+    raise ConfigError(f"config.{field}: {msg}")
+
+
+def _positive_int(config, field: str, allow_zero: bool = False):
+    v = config
+    for part in field.split("."):
+        v = v[part]
+    if not isinstance(v, int) or isinstance(v, bool) or v < (0 if allow_zero else 1):
+        _fail(field, f"must be an integer >= {0 if allow_zero else 1}; got {v!r}")
+    return v
+
+
+def validate_config(config, num_devices: int | None = None) -> None:
+    """Reject an unusable config with a ``ConfigError`` naming the field (no compilation, no I/O)."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    if not isinstance(config.seed, int):
+        _fail("seed", f"must be an integer; got {config.seed!r}")
+    try:
+        data_lib.get_spec(config.data.dataset)
+    except ValueError as e:
+        _fail("data.dataset", str(e))
+    if config.model.name not in models_lib.MODELS:
+        _fail("model.name", f"unknown model {config.model.name!r}; known models: {sorted(models_lib.MODELS)}")
+    d = config.diffusion
+    if d.schedule not in SCHEDULES:
+        _fail("diffusion.schedule", f"unknown schedule {d.schedule!r}; known: {sorted(SCHEDULES)}")
+    if d.prediction not in PREDICTION_TYPES:
+        _fail("diffusion.prediction", f"must be one of {PREDICTION_TYPES}; got {d.prediction!r}")
+    if d.objective not in OBJECTIVES:
+        _fail("diffusion.objective", f"must be one of {OBJECTIVES}; got {d.objective!r}")
+    o = config.optim
+    if not (isinstance(o.learning_rate, (int, float)) and o.learning_rate > 0):
+        _fail("optim.learning_rate", f"must be > 0; got {o.learning_rate!r}")
+    if not 0.0 <= o.ema_decay < 1.0:
+        _fail("optim.ema_decay", f"must lie in [0, 1); got {o.ema_decay!r}")
+    if o.grad_clip < 0:
+        _fail("optim.grad_clip", f"must be >= 0 (0 disables clipping); got {o.grad_clip!r}")
+    t = config.training
+    batch = _positive_int(config, "training.batch_size")
+    if batch % num_devices:
+        _fail("training.batch_size", f"{batch} is not divisible by the device count {num_devices}")
+    if batch % jax.process_count():
+        _fail("training.batch_size", f"{batch} is not divisible by the process count {jax.process_count()}")
+    num_steps = _positive_int(config, "training.num_steps")
+    k = _positive_int(config, "training.steps_per_call")
+    for field in ("training.log_every", "training.checkpoint_every"):
+        every = _positive_int(config, field)
+        if every % k:
+            _fail(field, f"{every} must be a multiple of training.steps_per_call={k}")
+    if num_steps % k:
+        _fail("training.num_steps", f"{num_steps} must be a multiple of training.steps_per_call={k}")
+    _positive_int(config, "training.max_to_keep")
+    if t.param_sharding not in PARAM_SHARDINGS:
+        _fail("training.param_sharding", f"must be one of {PARAM_SHARDINGS}; got {t.param_sharding!r}")
+    if config.sample.method not in METHODS:
+        _fail("sample.method", f"unknown sampler {config.sample.method!r}; known: {sorted(METHODS)}")
+    _positive_int(config, "sample.num_steps")
+    _positive_int(config, "sample.num_samples")
+    _positive_int(config, "eval.num_examples", allow_zero=True)
+    _positive_int(config, "eval.batch_size")
+    if config.eval.trace not in ("exact", "hutchinson"):
+        _fail("eval.trace", f"must be 'exact' or 'hutchinson'; got {config.eval.trace!r}")
+
+
+def build_schedule(diffusion_config):
+    """The schedule named by ``config.diffusion.schedule`` with its parameters."""
+    return SCHEDULES[diffusion_config.schedule](diffusion_config)
+
+
+def build_model(config):
+    """The Flax module named by ``config.model.name`` (fields from ``config.model`` minus ``name``)."""
+    fields = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    if config.diffusion.get("learned_variance", False):
+        out = 2 * data_lib.get_spec(config.data.dataset).shape[-1]  # prediction and variance channels
+        fields["out_dim" if config.model.name == "mlp" else "out_channels"] = out
+    try:
+        return models_lib.create_model(config.model.name, **fields)
+    except (TypeError, ValueError) as e:
+        _fail("model", str(e))
+
+
+def build_optimizer(config):
+    """Adam/AdamW + warm-up + clipping from ``config.optim``."""
+    o = config.optim
+    return make_optimizer(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip,
+                          weight_decay=o.weight_decay, optimizer=o.optimizer)
+
+
+def build_loss(config, schedule, module):
+    """``loss_fn(params, batch, key)`` for the module in training mode (dropout keyed from ``key``)."""
+    d = config.diffusion
+    apply = models_lib.make_model_fn(module, train=True)
+    num_classes = config.model.get("num_classes")
+    kwargs = dict(prediction=d.prediction, objective=d.objective, weighting=d.weighting,
+                  antithetic=d.antithetic, learned_variance=d.get("learned_variance", False))
+    if num_classes is not None and d.cond_drop_prob > 0:
+        kwargs.update(cond_drop_prob=d.cond_drop_prob, null_label=num_classes)
+    strip = not num_classes  # an unconditional model never sees labels
+
+    def loss_fn(params, batch, key):
+        k_loss, k_drop = jax.random.split(key)
+        if strip:
+            batch = {"x": batch["x"]}
+
+        def model_fn(p, x, t, cond):
+            return apply(p, x, t, cond, rng=k_drop)
+
+        return make_loss(model_fn, schedule, **kwargs)(params, batch, k_loss)
+
+    return loss_fn

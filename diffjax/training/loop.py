@@ -1,0 +1,306 @@
+"""The training loop and the end-of-run evaluation behind ``python -m diffjax.main``.
+
+``train(config, workdir)`` restores the latest checkpoint in ``workdir`` if there is one (the
+data iterator restarts at the restored step and the per-step keys are ``fold_in(key, step)``,
+so a resumed run reproduces an uninterrupted one bit for bit), runs jitted steps, logs to
+TensorBoard and ``loss_history.csv``, checkpoints periodically, on interruption (Ctrl-C or
+SIGTERM) and at the end, and stops with ``NonFiniteError`` on a NaN/inf loss or gradient without
+checkpointing it. ``evaluate(...)`` samples with the EMA weights and computes the test NLL.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax import data as data_lib
+from diffjax import models as models_lib
+from diffjax.likelihood import evaluate_nll
+from diffjax.samplers import sample
+from diffjax.training.builders import build_loss, build_model, build_optimizer, build_schedule, validate_config
+from diffjax.training.checkpoint import Checkpointer, NonFiniteError
+from diffjax.training.state import TrainState
+from diffjax.training.step import global_batch, make_mesh, make_train_step, shard_state, state_shardings
+
+__all__ = ["Run", "setup", "train", "evaluate", "train_and_evaluate"]
+
+
+@dataclass
+class Run:
+    """Everything built from a config: reused by training, evaluation and ablation scripts."""
+
+    config: Any
+    spec: Any
+    module: Any
+    schedule: Any
+    mesh: Any
+    shardings: Any
+    state: TrainState
+    checkpointer: Optional[Checkpointer]
+    apply_eval: Any  # model_fn(params, x, t, cond) in eval mode, one object per run (compiled loops reuse it)
+
+
+def setup(config, workdir: Optional[str] = None, restore: bool = True) -> Run:
+    """Validate the config, build model/schedule/state on the mesh and restore the latest checkpoint."""
+    validate_config(config, config.training.num_devices or jax.device_count())
+    spec = data_lib.get_spec(config.data.dataset)
+    module = build_model(config)
+    schedule = build_schedule(config.diffusion)
+    mesh = make_mesh(config.training.num_devices)
+    k_init, k_run = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = models_lib.init_params(module, k_init, (1, *spec.shape))
+    state = TrainState.create(params, build_optimizer(config), k_run)
+    shardings = state_shardings(state, mesh, config.training.param_sharding, config.training.fsdp_min_size)
+    state = shard_state(state, shardings)
+    ckpt = None
+    if workdir is not None:
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.training.max_to_keep)
+        if restore and ckpt.latest_step() is not None:
+            state = ckpt.restore(state)
+    return Run(config, spec, module, schedule, mesh, shardings, state, ckpt,
+               models_lib.make_model_fn(module, train=False))
+
+
+class _StopRequested:
+    """SIGTERM sets a flag; the loop checkpoints at the next step boundary and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _check_finite(metrics: dict, first_step: int):
+    """Raise NonFiniteError naming the first step whose loss or gradient norm is NaN/inf."""
+    bad = ~(np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"]))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise NonFiniteError(f"non-finite loss {metrics['loss'][i]} / grad norm {metrics['grad_norm'][i]} "
+                             f"at step {first_step + i + 1}; the last checkpoint is left untouched")
+
+
+def train(config, workdir: str, *, run: Optional[Run] = None, progress: bool = True,
+          stop_after: Optional[int] = None) -> tuple[Run, dict]:
+    """Train to ``config.training.num_steps`` (or ``stop_after`` steps, for tests), resuming from ``workdir``.
+
+    Returns the run (with the final state) and a summary: final_loss, steps_per_sec, steps run.
+    """
+    run = run or setup(config, workdir)
+    t_cfg = config.training
+    k = t_cfg.steps_per_call
+    is_main = jax.process_index() == 0
+    start = int(jax.device_get(run.state.step))
+    end = t_cfg.num_steps if stop_after is None else min(t_cfg.num_steps, start + stop_after)
+    step_fn = _train_step_for(run)
+    batches = data_lib.train_batches(
+        config.data.dataset, global_batch_size=t_cfg.batch_size, seed=config.seed, start_step=start,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        dequantize=config.data.dequantize, random_flip=config.data.random_flip, data_dir=config.data.data_dir)
+
+    writer = _summary_writer(workdir) if is_main else None
+    history_path = os.path.join(workdir, "loss_history.csv")
+    bar = _progress(start, end, disable=not (progress and is_main))
+    state, pending, last_loss = run.state, [], float("nan")
+    step, timed_steps, timed_secs, t_last, s_last = start, 0, 0.0, None, start
+    try:
+        with _StopRequested() as stop:
+            while step < end and not stop.requested:
+                chunk = [next(batches) for _ in range(k)]
+                host = chunk[0] if k == 1 else jax.tree.map(lambda *xs: np.stack(xs), *chunk)
+                state, metrics = step_fn(state, global_batch(host, run.mesh, stacked=k > 1))
+                pending.append((step, metrics))
+                step += k
+                if step % t_cfg.log_every == 0 or step == end:
+                    jax.block_until_ready(state.step)
+                    now = time.perf_counter()
+                    if t_last is not None:  # the first interval includes compilation: not timed
+                        timed_steps += step - s_last
+                        timed_secs += now - t_last
+                    t_last, s_last = now, step
+                    last_loss = _flush(pending, writer, history_path, bar, timed_steps, timed_secs)
+                    pending = []
+                if step % t_cfg.checkpoint_every == 0 and run.checkpointer is not None:
+                    last_loss = _flush(pending, writer, history_path, bar, timed_steps, timed_secs) \
+                        if pending else last_loss
+                    pending = []
+                    run.checkpointer.save(state)
+    except KeyboardInterrupt:
+        _save_if_clean(run, state, pending)
+        raise
+    if pending:
+        last_loss = _flush(pending, writer, history_path, bar, timed_steps, timed_secs)
+    if run.checkpointer is not None:
+        run.checkpointer.save(state)
+    bar.close()
+    if writer is not None:
+        writer.flush()
+    run.state = state
+    steps_per_sec = timed_steps / timed_secs if timed_secs > 0 else float("nan")
+    return run, {"final_loss": last_loss, "steps_per_sec": steps_per_sec, "steps": step - start,
+                 "step": step, "start_step": start}
+
+
+_STEP_CACHE: dict = {}
+
+
+def _train_step_for(run: Run):
+    """The jitted step for this run's config, shared by runs whose step is the same (resumes, tests, sweeps)."""
+    c = run.config
+    key = (json.dumps({k: c[k].to_dict() for k in ("model", "diffusion", "optim")}, sort_keys=True, default=str),
+           c.data.dataset, c.training.steps_per_call, c.training.param_sharding, c.training.fsdp_min_size,
+           tuple(d.id for d in run.mesh.devices.flat), build_loss)
+    if key not in _STEP_CACHE:
+        loss_fn = build_loss(c, run.schedule, run.module)
+        _STEP_CACHE[key] = make_train_step(loss_fn, build_optimizer(c), ema_decay=c.optim.ema_decay,
+                                           shardings=run.shardings, mesh=run.mesh,
+                                           steps_per_call=c.training.steps_per_call)
+    return _STEP_CACHE[key]
+
+
+def _save_if_clean(run: Run, state, pending):
+    """On Ctrl-C: checkpoint the state reached so far if every step since the last check was finite."""
+    if run.checkpointer is None:
+        return
+    try:
+        for first, m in pending:
+            _check_finite(jax.device_get(m), first)
+        run.checkpointer.save(state)
+    except (NonFiniteError, RuntimeError):
+        pass
+
+
+def _flush(pending, writer, history_path, bar, timed_steps, timed_secs) -> float:
+    """Fetch pending metrics, check them, append to the CSV / TensorBoard, update the bar."""
+    rows = []
+    for first, m in pending:
+        m = jax.device_get(m)
+        _check_finite(m, first)
+        for i in range(len(m["loss"])):
+            rows.append((first + i + 1, float(m["loss"][i]), float(m["grad_norm"][i])))
+    rate = timed_steps / timed_secs if timed_secs > 0 else float("nan")
+    if jax.process_index() == 0:
+        new = not os.path.exists(history_path)
+        with open(history_path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "loss", "grad_norm"])
+            w.writerows(rows)
+        if writer is not None:
+            for s, loss, gn in rows:
+                writer.add_scalar("train/loss", loss, s)
+                writer.add_scalar("train/grad_norm", gn, s)
+            if math.isfinite(rate):
+                writer.add_scalar("train/steps_per_sec", rate, rows[-1][0])
+    bar.update(rows[-1][0] - bar.n)
+    window = [r[1] for r in rows]
+    bar.set_postfix(loss=f"{np.mean(window):.4f}", steps_per_s=f"{rate:.2f}")
+    return rows[-1][1]
+
+
+def _summary_writer(workdir: str):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def _progress(start: int, end: int, disable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=end, initial=start, desc="train", unit="step", disable=disable, dynamic_ncols=True)
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+
+def ema_model_fn(run: Run):
+    """``model_fn(x, t, cond)`` of the EMA parameters, a pytree callable (new weights do not recompile)."""
+    return jax.tree_util.Partial(run.apply_eval, run.state.ema_params)
+
+
+def generate(run: Run, *, method: str, num_steps: int, num_samples: int, key, cond=None, **options):
+    """Samples from the EMA model with any ``diffjax.sample`` method, ending with the exact denoise at t = 0."""
+    x_T = run.schedule.prior_sample(key, (num_samples, *run.spec.shape))
+    k = jax.random.fold_in(key, 1)
+    return sample(ema_model_fn(run), run.schedule, x_T, method=method, num_steps=num_steps, key=k,
+                  prediction=run.config.diffusion.prediction, cond=cond, t_end=0.0, return_nfe=True, **options)
+
+
+def evaluate(run: Run, workdir: str) -> dict:
+    """Sample a grid with the EMA weights and compute the test NLL; write PNGs, TensorBoard and a dict."""
+    config = run.config
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 10**6)
+    k_sample, k_nll = jax.random.split(key)
+    n = config.sample.num_samples
+    num_classes = config.model.get("num_classes")
+    cond = jnp.arange(n) % num_classes if num_classes else None
+    t0 = time.perf_counter()
+    x, nfe = generate(run, method=config.sample.method, num_steps=config.sample.num_steps, num_samples=n,
+                      key=k_sample, cond=cond)
+    x = np.asarray(jax.device_get(x))
+    sample_secs = time.perf_counter() - t0
+    out = {"sample_method": config.sample.method, "sample_nfe": int(nfe), "sample_seconds": sample_secs}
+    if jax.process_index() == 0:
+        from diffjax.training import plots
+
+        if run.spec.kind == "image":
+            grid = plots.image_grid(x)
+            plots.save_png(grid, os.path.join(workdir, "samples.png"), scale=config.sample.png_scale)
+            writer = _summary_writer(workdir)
+            writer.add_image("samples", grid, int(run.state.step), dataformats="HWC")
+            writer.flush()
+        else:
+            plots.scatter(x, os.path.join(workdir, "samples.png"))
+        plots.loss_curve(os.path.join(workdir, "loss_history.csv"), os.path.join(workdir, "loss_curve.png"))
+    if config.eval.num_examples > 0:
+        t0 = time.perf_counter()
+        batches = data_lib.eval_batches(config.data.dataset, split=config.eval.split,
+                                        batch_size=config.eval.batch_size, num_examples=config.eval.num_examples,
+                                        data_dir=config.data.data_dir)
+        discrete = run.spec.num_bits is not None
+        nll = evaluate_nll(ema_model_fn(run), run.schedule, (b["x"] if isinstance(b, dict) else b for b in batches),
+                           key=k_nll, discrete=discrete, num_bits=run.spec.num_bits or 8,
+                           prediction=config.diffusion.prediction, trace=config.eval.trace,
+                           rtol=config.eval.rtol, atol=config.eval.atol)
+        name = "test_bpd" if discrete else "test_nats_per_dim"
+        out.update({name: nll["mean"], f"{name}_stderr": nll["stderr"], "nll_examples": nll["num_examples"],
+                    "nll_nfe": nll["nfe"], "nll_seconds": time.perf_counter() - t0})
+    return out
+
+
+def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
+    """The main job: train (resuming if ``workdir`` has checkpoints), evaluate, write ``metrics.json``."""
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    run = setup(config, workdir)
+    run, summary = train(config, workdir, run=run, progress=progress)
+    metrics = {**summary, "train_seconds": time.perf_counter() - t0,
+               "num_params": models_lib.count_params(run.state.params), "num_devices": run.mesh.size}
+    metrics.update(evaluate(run, workdir))
+    metrics["total_seconds"] = time.perf_counter() - t0
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2, sort_keys=True)
+    return metrics

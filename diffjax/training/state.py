@@ -1,0 +1,67 @@
+"""The training state pytree, the optimizer and the EMA.
+
+``TrainState`` holds everything a run needs to continue bit for bit: parameters, their EMA,
+the optimizer state, the step and the run's PRNG key (per-step keys are ``fold_in(key, step)``,
+so the key stream after a restore is the one an uninterrupted run would have drawn).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["TrainState", "make_optimizer", "ema_update", "all_finite"]
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """params, ema_params, opt_state, step (int32 scalar) and key (raw uint32 PRNG key)."""
+
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array
+
+    @classmethod
+    def create(cls, params, optimizer: optax.GradientTransformation, key):
+        """Fresh state at step 0; the EMA starts at the initial parameters."""
+        return cls(params=params, ema_params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
+                   step=jnp.zeros((), jnp.int32), key=jnp.asarray(key))
+
+
+def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, grad_clip: float = 0.0,
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   optimizer: str = "adam") -> optax.GradientTransformation:
+    """Adam / AdamW with linear warm-up and global-norm gradient clipping (Ho et al. 2020 app. B settings).
+
+    Warm-up: lr ramps linearly from 0 to ``learning_rate`` over ``warmup_steps`` and stays there.
+    """
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0; got {learning_rate}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0; got {warmup_steps}")
+    if grad_clip < 0:
+        raise ValueError(f"grad_clip must be >= 0 (0 disables clipping); got {grad_clip}")
+    if optimizer not in ("adam", "adamw"):
+        raise ValueError(f"optimizer must be 'adam' or 'adamw'; got {optimizer!r}")
+    lr = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps > 0 else learning_rate
+    if optimizer == "adamw":
+        opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    else:
+        opt = optax.adam(lr, b1=b1, b2=b2, eps=eps)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip > 0 else opt
+
+
+def ema_update(ema_params, params, decay):
+    """Exponential moving average ema <- decay ema + (1 - decay) params (Polyak averaging)."""
+    return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema_params, params)
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every floating leaf of ``tree`` is finite (a scalar bool array)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
