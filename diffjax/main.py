@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
@@ -34,6 +34,8 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-host r
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax/tfds INFO lines would bury the progress bar
     if FLAGS.coordinator_address is not None:
         import jax
 

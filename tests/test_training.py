@@ -62,7 +62,7 @@ def _params_equal(a, b):
 
 
 def test_toy_training_drives_loss_down_and_samples_to_the_data(tmp_path):
-    """600 steps of an MLP on the ring mixture: the loss falls and ancestral samples approach exact ones."""
+    """600 steps of an MLP on the ring mixture: the loss falls and samples (ancestral, ODE) approach exact ones."""
     c = toy_config(600)
     c.model.width, c.model.depth = 128, 3
     run0 = setup(c, None)
@@ -73,14 +73,25 @@ def test_toy_training_drives_loss_down_and_samples_to_the_data(tmp_path):
     x_init, _ = generate(run0, method="ddpm", num_steps=100, num_samples=2000, key=key)
     run, summary = train(c, str(tmp_path), run=run0, progress=False)
     x, _ = generate(run, method="ddpm", num_steps=100, num_samples=2000, key=key)
+    x_ode, _ = generate(run, method="dpm_solver++_2m", num_steps=20, num_samples=2000, key=key)
     with open(tmp_path / "loss_history.csv") as f:
         losses = np.array([float(line.split(",")[1]) for line in f.readlines()[1:]])
     assert losses.shape == (600,)
-    assert losses[-50:].mean() < 0.75 * losses[:50].mean()
+    # the excess over the Bayes-optimal loss (the exact oracle's, same objective) shrinks
+    from diffjax.losses import make_loss
+
+    oracle = ring().model_fn(run.schedule, c.diffusion.prediction)
+    bayes_fn = make_loss(lambda p, x_, t, cond: oracle(x_, t, None), run.schedule, prediction=c.diffusion.prediction,
+                         objective=c.diffusion.objective, antithetic=True)
+    bayes = float(bayes_fn({}, {"x": ring().sample(jax.random.PRNGKey(8), 50_000)[0]}, key)[0])
+    assert losses[-100:].mean() - bayes < 0.5 * (losses[:50].mean() - bayes), (losses[:50].mean(), losses[-100:].mean(), bayes)
     sw_init = float(sliced_wasserstein(x_init, ref, key))
     sw = float(sliced_wasserstein(x, ref, key))
     floor = float(sliced_wasserstein(ring().sample(jax.random.PRNGKey(7), 2000)[0], ref, key))
-    assert sw < 0.1 * sw_init and sw < 4 * floor, (sw, sw_init, floor)
+    assert sw < 0.5 * sw_init and sw < 4 * floor, (sw, sw_init, floor)
+    # v-prediction (the default) keeps the deterministic sampler's tail trajectories on the data
+    sw_ode = float(sliced_wasserstein(x_ode, ref, key))
+    assert sw_ode < 4 * floor and float(jnp.max(jnp.abs(x_ode))) < 5.0, sw_ode
     assert summary["steps"] == 600 and np.isfinite(summary["final_loss"])
 
 
