@@ -300,6 +300,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
                "num_params": models_lib.count_params(run.state.params), "num_devices": run.mesh.size}
     metrics.update(evaluate(run, workdir))
     metrics["total_seconds"] = time.perf_counter() - t0
+    # NaN (e.g. steps_per_sec of a run too short to time past compilation) is written as null
+    metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2, sort_keys=True)

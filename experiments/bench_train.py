@@ -1,0 +1,463 @@
+"""Train-step benchmark on CPU: diffjax's jitted step vs its bare forward+backward vs PyTorch + diffusers.
+
+Sizes (the Flax U-Net ``diffjax.models.UNet`` built by ``build_model`` from ``config.base()``):
+  A  digits default: 8x8x1, the ``base()`` model fields as they are at run time (printed in the
+     table; ch 32, ch_mult (1, 2), 2 res blocks, attention at 4, dropout 0.1 when written), batch 128
+  B  CIFAR-like: 32x32x3, ch 32, ch_mult (1, 2, 2), 1 res block, attention at 16, batch 32: the
+     cheapest network in the range ch 32..64 / 1..2 res blocks with attention at 16 (DDPM's
+     CIFAR attention resolution). diffjax runs it at ~0.5 steps/s on an idle 2-core EPYC (and
+     torch at ~1.4), so 7 repeats stay within minutes; anything larger would not.
+
+Contenders, all fed the same fixed host arrays (a pool of 4 uniform [-1, 1] batches, one
+transferred per step: ``global_batch`` for JAX, ``torch.from_numpy`` of an NCHW copy for torch):
+  jax_step   the real step: ``make_train_step(build_loss(...), build_optimizer(...), ema_decay,
+             shardings, mesh)`` on a 1-device mesh; jitted, state donated; eps-MSE loss
+             (antithetic t, dropout), Adam + warm-up + global-norm clipping, EMA (all ``base()``).
+  jax_bare   ``jit(value_and_grad(loss_fn))`` of the same loss w.r.t. the same params (no
+             optimizer, no EMA, no donation).
+  jax_update the rest of the step alone: ``optimizer.update`` + ``apply_updates`` + ``ema_update`` on
+             a fixed gradient tree (jitted, state donated); a breakdown, not a target.
+  torch_step eager PyTorch, ``torch.set_num_threads(2)``: diffusers ``UNet2DModel`` laid out like
+             the Flax U-Net (``experiments/peers/diffusers_train_peer.py``), same loss, schedule,
+             Adam hyper-parameters + ``LambdaLR`` warm-up, ``clip_grad_norm_``, ``_foreach_lerp_`` EMA.
+  torch_bare the same forward + backward only (its own overhead ratio, for comparison).
+
+The torch peer runs in its own process (JSON lines over a pipe), so the two runtimes never share
+thread pools; the driver interleaves the contenders (order rotated every repeat) so load drift
+hits all of them alike. Each repeat times N back-to-back steps (JAX: dispatch all, then
+``block_until_ready``); reported: median and min-max over repeats of the per-step time. JAX
+compilation is excluded from the timings and reported separately (first call minus the median
+step). No persistent compilation cache, so the compile figures are real.
+
+Targets: overhead = jax_step / jax_bare <= 1.1; speed-up = torch_step / jax_step >= 1.3.
+
+Commands:
+  python experiments/bench_train.py --quick   # ~2-3 min on a quiet 2-core machine; writes
+                                              # results/bench_train_quick.{json,md}, not BENCHMARKS.md
+  python experiments/bench_train.py           # full (<= ~15 min): results/bench_train.json and the
+                                              # "train" section of BENCHMARKS.md
+Options: --sizes A,B  --repeats R  --steps-a N  --steps-b N  --threads 2  --no-torch
+         --write-benchmarks (also write BENCHMARKS.md from a --quick run)
+Run it on an otherwise idle machine. The CPU time other processes take during every timed run
+(machine busy time from /proc/stat minus the contender's own) is recorded and shown, and the
+table is marked contaminated above 0.25 cores. XLA_FLAGS, if set, is recorded in the json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import write_section  # noqa: E402
+
+from diffjax.config import base
+from diffjax.models import count_params, init_params
+from diffjax.training import TrainState, global_batch, make_mesh, make_train_step, shard_state, state_shardings
+from diffjax.training.builders import build_loss, build_model, build_optimizer, build_schedule
+from diffjax.training.state import ema_update, make_optimizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+PEER = os.path.join(HERE, "peers", "diffusers_train_peer.py")
+POOL = 4  # fixed host batches, cycled
+REPLY = "@@peer "  # the peer's reply-line prefix (diffusers_train_peer.REPLY; not imported: that imports torch)
+
+SIZES = {
+    "A": dict(label="digits default, 8x8x1", resolution=8, channels=1, batch=128, model={}),
+    "B": dict(label="CIFAR-like, 32x32x3", resolution=32, channels=3, batch=32,
+              model=dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,))),
+}
+# steps per timed repeat, (quick, full); repeats (quick, full)
+STEPS = {"A": (5, 20), "B": (2, 6)}
+REPEATS = (2, 7)
+TARGET_OVERHEAD, TARGET_SPEEDUP = 1.1, 1.3
+CONTAMINATED = 0.25  # cores used by other processes during a timed run above which the run is flagged
+
+
+def make_config(size: str, objective: str = "eps"):
+    """``base()`` with the size's model fields, batch and the regression target (prediction = objective).
+
+    Everything else (schedule, antithetic t, dropout, optimizer, warm-up, clipping, EMA) is read from
+    ``base()`` at run time, and the torch peer is configured from the same values.
+    """
+    c = base()
+    s = SIZES[size]
+    for k, v in s["model"].items():
+        c.model[k] = v
+    c.training.batch_size = s["batch"]
+    d = c.diffusion
+    d.prediction = d.objective = objective
+    # what the torch peer re-implements; fail loudly if base() moves outside it
+    if d.schedule != "vp_linear" or d.learned_variance or c.model.num_classes is not None \
+            or c.optim.optimizer != "adam" or c.model.name != "unet":
+        raise SystemExit(f"the torch peer implements an unconditional U-Net, vp_linear, Adam; base() has "
+                         f"{c.model.name}, {d.schedule}, learned_variance={d.learned_variance}, "
+                         f"num_classes={c.model.num_classes}, {c.optim.optimizer}")
+    return c
+
+
+def host_batches(size: str, seed: int) -> np.ndarray:
+    """The fixed host data, (POOL, batch, H, W, C) float32 uniform in [-1, 1] (content does not affect speed)."""
+    s = SIZES[size]
+    shape = (POOL, s["batch"], s["resolution"], s["resolution"], s["channels"])
+    return np.random.default_rng(seed).uniform(-1.0, 1.0, shape).astype(np.float32)
+
+
+def peer_spec(size: str, config, schedule, data_path: str) -> dict:
+    """Everything the torch peer needs, read from the same config (Adam betas/eps: make_optimizer's defaults)."""
+    s, m, o, d = SIZES[size], config.model, config.optim, config.diffusion
+    adam = {k: inspect.signature(make_optimizer).parameters[k].default for k in ("b1", "b2", "eps")}
+    return dict(resolution=s["resolution"], channels=s["channels"], batch=s["batch"], data_path=data_path,
+                seed=config.seed, ch=m.ch, ch_mult=list(m.ch_mult),
+                num_res_blocks=m.num_res_blocks, attn_resolutions=list(m.attn_resolutions), dropout=m.dropout,
+                beta_min=d.beta_min, beta_max=d.beta_max, t_eps=float(schedule.t_min), objective=d.objective,
+                antithetic=bool(d.antithetic),
+                learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip,
+                ema_decay=o.ema_decay, **adam)
+
+
+class JaxContenders:
+    """The diffjax step, the bare forward+backward and the update-only part for one size."""
+
+    def __init__(self, size: str, host: np.ndarray, objective: str):
+        c = self.config = make_config(size, objective)
+        s = SIZES[size]
+        module = build_model(c)
+        self.schedule = build_schedule(c.diffusion)
+        loss_fn = build_loss(c, self.schedule, module)
+        optimizer = build_optimizer(c)
+        self.mesh = make_mesh(1)
+        k_init, k_run = jax.random.split(jax.random.PRNGKey(c.seed))
+        t0 = time.perf_counter()
+        params = init_params(module, k_init, (1, s["resolution"], s["resolution"], s["channels"]))
+        self.init_s = time.perf_counter() - t0
+        self.n_params = count_params(params)
+        state = TrainState.create(params, optimizer, k_run)
+        self.shardings = state_shardings(state, self.mesh, c.training.param_sharding)
+        self.state = shard_state(state, self.shardings)
+        self.step_fn = make_train_step(loss_fn, optimizer, ema_decay=c.optim.ema_decay, shardings=self.shardings,
+                                       mesh=self.mesh, steps_per_call=1)
+        self.host = host
+        self.i = 0
+
+        # bare forward + backward of the same loss; a fresh key per step as the step draws one.
+        # Copies: the step donates the state's buffers, which device_put / asarray may share.
+        self.params = jax.tree.map(jnp.copy, jax.device_put(params, self.shardings.params))
+        self.bare_key = jnp.copy(k_run)
+        self.bare_fn = jax.jit(lambda p, b, key, i: jax.value_and_grad(loss_fn, has_aux=True)(
+            p, b, jax.random.fold_in(key, i)))
+
+        # the remainder of one_step in diffjax.training.step: optimizer update, apply, EMA
+        decay = c.optim.ema_decay
+
+        def update(params, ema, opt_state, grads):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            new = optax.apply_updates(params, updates)
+            return new, ema_update(ema, new, decay), opt_state
+
+        self.update_fn = jax.jit(update, donate_argnums=(0, 1, 2))
+        self.upd = (jax.tree.map(jnp.copy, self.params), jax.tree.map(jnp.copy, self.params),
+                    optimizer.init(self.params))
+        self.grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), self.params)
+        self.first_call_s = {}
+
+    def _batch(self):
+        x = self.host[self.i % POOL]
+        self.i += 1
+        return global_batch({"x": x}, self.mesh)
+
+    def warm(self):
+        """First call of each function (compile + one step), then one more call each."""
+        for what in ("jax_step", "jax_bare", "jax_update"):
+            t0 = time.perf_counter()
+            self.run(what, 1)
+            self.first_call_s[what] = time.perf_counter() - t0
+            self.run(what, 1)
+        loss = float(self.last_metrics["loss"][0])
+        if not np.isfinite(loss):
+            raise SystemExit(f"non-finite loss {loss} in the diffjax step")
+
+    def run(self, what: str, n: int) -> tuple:
+        """(wall, process CPU) seconds per step over n back-to-back calls, blocking once at the end."""
+        c0, t0 = time.process_time(), time.perf_counter()
+        if what == "jax_step":
+            state, metrics = self.state, None
+            for _ in range(n):
+                state, metrics = self.step_fn(state, self._batch())
+            jax.block_until_ready((state, metrics))
+            self.state, self.last_metrics = state, metrics
+        elif what == "jax_bare":
+            out = None
+            for _ in range(n):
+                out = self.bare_fn(self.params, self._batch(), self.bare_key, np.int32(self.i))
+            jax.block_until_ready(out)
+        elif what == "jax_update":
+            upd = self.upd
+            for _ in range(n):
+                upd = self.update_fn(*upd, self.grads)
+            self.upd = jax.block_until_ready(upd)
+        else:
+            raise ValueError(what)
+        return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+
+
+class TorchPeer:
+    """The diffusers peer in a subprocess, one JSON line per request."""
+
+    def __init__(self, python: str, threads: int):
+        self.proc = subprocess.Popen([python, PEER, "--serve", "--threads", str(threads)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.info = self._read()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                msg = json.loads(line[len(REPLY):])
+                if "error" in msg:
+                    raise RuntimeError(f"torch peer: {msg['error']}")
+                return msg
+        raise RuntimeError(f"torch peer exited with code {self.proc.wait()}")
+
+    def ask(self, **msg):
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        try:
+            self.ask(cmd="quit")
+        except (RuntimeError, BrokenPipeError):
+            pass
+        self.proc.wait(timeout=30)
+
+
+def _nanmax(xs):
+    xs = [x for x in xs if np.isfinite(x)]
+    return max(xs) if xs else float("nan")
+
+
+def summarize(times):
+    return dict(median_s=statistics.median(times), min_s=min(times), max_s=max(times), per_repeat_s=times)
+
+
+def prepare(size: str, objective: str):
+    """The size's config, its host data (also saved for the peer) and the peer's spec."""
+    config = make_config(size, objective)
+    host = host_batches(size, config.seed)
+    data_dir = os.path.join(tempfile.gettempdir(), "diffjax_bench_train")  # not under results/: not for git
+    os.makedirs(data_dir, exist_ok=True)
+    path = os.path.join(data_dir, f"host_batches_{size}.npy")
+    np.save(path, host)
+    return config, host, peer_spec(size, config, build_schedule(config.diffusion), path)
+
+
+def bench_size(size, quick, repeats, steps, peer, log, objective):
+    s = SIZES[size]
+    config, host, spec = prepare(size, objective)
+    log(f"[{size}] {s['label']}, batch {s['batch']}, model {dict(config.model)}: building diffjax model + step")
+    jx = JaxContenders(size, host, objective)
+    t0 = time.perf_counter()
+    jx.warm()
+    log(f"[{size}] diffjax params {jx.n_params:,}; init {jx.init_s:.1f}s; first calls (compile + 1 step) "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in jx.first_call_s.items()) + f" (warm-up {time.perf_counter() - t0:.0f}s)")
+    runners = {w: (lambda w=w, n=steps: jx.run(w, n)) for w in ("jax_bare", "jax_step", "jax_update")}
+    torch_info = None
+    if peer is not None:
+        torch_info = peer.ask(cmd="setup", name=size, spec=spec, warmup=1 if quick else 3)
+        log(f"[{size}] torch params {torch_info['n_params']:,} (diffjax/torch = "
+            f"{jx.n_params / torch_info['n_params']:.4f}); setup + warm-up {torch_info['setup_s']:.1f}s")
+        def torch_runner(what):
+            def run():
+                reply = peer.ask(cmd="run", name=size, what=what, n=steps)
+                return reply["per_step_s"], reply["cpu_per_step_s"]
+            return run
+
+        runners["torch_step"], runners["torch_bare"] = torch_runner("step"), torch_runner("bare")
+    order = list(runners)
+    times, cpu, other = ({w: [] for w in order} for _ in range(3))
+    for r in range(repeats):
+        rot = order[r % len(order):] + order[:r % len(order)]
+        for w in rot:
+            b0, t0 = machine_busy_s(), time.perf_counter()
+            wall, c = runners[w]()
+            window = time.perf_counter() - t0
+            times[w].append(wall)
+            cpu[w].append(c)
+            # only one contender runs at a time: the rest of the machine's busy time is someone else's
+            busy = machine_busy_s() - b0 - c * steps  # /proc/stat ticks are 10 ms: skip runs under 1 s
+            other[w].append(max(0.0, busy) / window if np.isfinite(busy) and window >= 1.0 else float("nan"))
+        log(f"[{size}] repeat {r + 1}/{repeats}: " + ", ".join(f"{w} {times[w][-1] * 1e3:.1f}" for w in order)
+            + " ms/step; other processes " + ", ".join(f"{other[w][-1]:.2f}" for w in order) + " cores")
+    res = dict(size=size, label=s["label"], batch=s["batch"], shape=[s["resolution"], s["resolution"], s["channels"]],
+               model_fields=config.model.to_dict(), steps_per_repeat=steps, repeats=repeats,
+               diffjax_params=jx.n_params, init_s=jx.init_s, first_call_s=jx.first_call_s,
+               timings={w: dict(summarize(v), cpu_median_s=statistics.median(cpu[w]), cpu_per_repeat_s=cpu[w],
+                                other_cores_per_repeat=other[w], other_cores_max=_nanmax(other[w]))
+                        for w, v in times.items()}, peer_spec=spec)
+    med = {w: v["median_s"] for w, v in res["timings"].items()}
+    res["compile_s"] = {w: jx.first_call_s[w] - med[w] for w in jx.first_call_s}
+    res["overhead"] = med["jax_step"] / med["jax_bare"]
+    res["overhead_paired"] = [a / b for a, b in zip(times["jax_step"], times["jax_bare"])]
+    res["update_fraction"] = med["jax_update"] / med["jax_step"]
+    if peer is not None:
+        res.update(torch_params=torch_info["n_params"], torch_config=torch_info["config"],
+                   torch_adam_flags=torch_info.get("adam_flags"),
+                   param_ratio=jx.n_params / torch_info["n_params"],
+                   speedup=med["torch_step"] / med["jax_step"],
+                   speedup_paired=[a / b for a, b in zip(times["torch_step"], times["jax_step"])],
+                   torch_overhead=med["torch_step"] / med["torch_bare"])
+    return res
+
+
+def fmt(results, meta):
+    names = {"jax_step": "diffjax train step", "jax_bare": "diffjax bare fwd+bwd (jit value_and_grad)",
+             "jax_update": "diffjax optimizer+EMA alone (breakdown)", "torch_step": "PyTorch+diffusers train step",
+             "torch_bare": "PyTorch+diffusers bare fwd+bwd"}
+    lines = []
+    for r in results:
+        m = r["model_fields"]
+        lines.append(f"**{r['size']}: {r['label']}, batch {r['batch']}** (ch {m['ch']}, ch_mult {tuple(m['ch_mult'])}, "
+                     f"{m['num_res_blocks']} res block(s), attention at {tuple(m['attn_resolutions'])}, dropout "
+                     f"{m['dropout']}; {r['peer_spec']['objective']}-MSE) — diffjax UNet {r['diffjax_params']:,} params"
+                     + (f", diffusers UNet2DModel {r['torch_params']:,} params (ratio {r['param_ratio']:.3f})"
+                        if "torch_params" in r else "")
+                     + f"; {r['repeats']} repeats x {r['steps_per_repeat']} steps.")
+        lines += ["", "| contender | median ms/step | min-max ms/step | steps/s (median) | own CPU ms/step (median) "
+                      "| other processes, cores (max over repeats) |", "|---|---|---|---|---|---|"]
+        for w, t in r["timings"].items():
+            lines.append(f"| {names[w]} | {t['median_s'] * 1e3:.1f} | {t['min_s'] * 1e3:.1f}-{t['max_s'] * 1e3:.1f} | "
+                         f"{1 / t['median_s']:.2f} | {t['cpu_median_s'] * 1e3:.0f} | "
+                         f"{'-' if np.isnan(t['other_cores_max']) else format(t['other_cores_max'], '.2f')} |")
+        pr = r["overhead_paired"]
+        lines += ["", f"- JAX compile (first call minus median step): step {r['compile_s']['jax_step']:.1f} s, "
+                      f"bare {r['compile_s']['jax_bare']:.1f} s; optimizer+EMA alone = "
+                      f"{100 * r['update_fraction']:.1f}% of the step."]
+        ok = r["overhead"] <= TARGET_OVERHEAD
+        lines.append(f"- Overhead step/bare = **{r['overhead']:.3f}** (per-repeat {min(pr):.3f}-{max(pr):.3f}); "
+                     f"target <= {TARGET_OVERHEAD}: **{'met' if ok else 'not met'}**.")
+        if "speedup" in r:
+            sp = r["speedup_paired"]
+            ok = r["speedup"] >= TARGET_SPEEDUP
+            lines.append(f"- Speed-up torch/diffjax step = **{r['speedup']:.2f}x** (per-repeat {min(sp):.2f}-"
+                         f"{max(sp):.2f}x); target >= {TARGET_SPEEDUP}x: **{'met' if ok else 'not met'}**. "
+                         f"(torch's own step/bare = {r['torch_overhead']:.3f}.)")
+        lines.append("")
+    over = ", ".join(f"{r['size']} {r['overhead']:.3f} ({'met' if r['overhead'] <= TARGET_OVERHEAD else 'not met'})"
+                     for r in results)
+    lines.append(f"Verdict, overhead step / bare fwd+bwd <= {TARGET_OVERHEAD}: {over}.")
+    if all("speedup" in r for r in results):
+        sp = ", ".join(f"{r['size']} {r['speedup']:.2f}x ({'met' if r['speedup'] >= TARGET_SPEEDUP else 'not met'})"
+                       for r in results)
+        lines.append(f"Verdict, speed-up over PyTorch+diffusers >= {TARGET_SPEEDUP}x: {sp}.")
+    lines.append("")
+    la0, la1 = meta["loadavg_before"], meta["loadavg_after"]
+    worst = _nanmax([t["other_cores_max"] for r in results for t in r["timings"].values()])
+    meta["other_cores_max"] = worst
+    lines.append(f"Machine: {meta['cpu']}, {meta['cpu_count']} cores; JAX {meta['jax']} ({meta['backend']}), "
+                 + (f"torch {meta['torch']['torch']} ({meta['torch']['torch_threads']} threads), diffusers "
+                    f"{meta['torch']['diffusers']}; " if meta.get("torch") else "")
+                 + f"load average before {la0[0]:.2f}/{la0[1]:.2f}/{la0[2]:.2f}, after {la1[0]:.2f}/{la1[1]:.2f}/"
+                 f"{la1[2]:.2f} (1/5/15 min); other processes used {meta['other_cores_idle_check']:.2f} cores in "
+                 f"the 3 s before the run and up to {worst:.2f} cores during a timed run; wall "
+                 f"{meta['wall_s'] / 60:.1f} min.")
+    if not worst <= CONTAMINATED:
+        lines.append(f"\n**Contaminated: other processes used more than {CONTAMINATED} of the {meta['cpu_count']} "
+                     f"cores during timed runs; these numbers are not a valid comparison.**")
+    return "\n".join(lines)
+
+
+def machine_busy_s() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (all cores; /proc/stat), NaN if unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sizes", default="A,B")
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--steps-a", type=int)
+    ap.add_argument("--steps-b", type=int)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (JAX uses every core XLA sees)")
+    ap.add_argument("--torch-python", default=sys.executable)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--objective", choices=("eps", "v"), default="eps",
+                    help="regression target (prediction = objective) for both; default eps-MSE")
+    ap.add_argument("--write-benchmarks", action="store_true", help="write BENCHMARKS.md also from --quick")
+    ap.add_argument("--dump-specs", metavar="PATH", help="only write the peer specs (JSON) + host data and exit; "
+                    "for diffusers_train_peer.py --spec PATH")
+    args = ap.parse_args()
+    mode = "quick" if args.quick else "full"
+    repeats = args.repeats or REPEATS[not args.quick]
+    steps = {k: v[not args.quick] for k, v in STEPS.items()}
+    steps["A"] = args.steps_a or steps["A"]
+    steps["B"] = args.steps_b or steps["B"]
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    for s in sizes:
+        if s not in SIZES:
+            ap.error(f"unknown size {s!r}; known: {sorted(SIZES)}")
+
+    if args.dump_specs:
+        json.dump({s: prepare(s, args.objective)[2] for s in sizes}, open(args.dump_specs, "w"), indent=1)
+        print(f"wrote {args.dump_specs}")
+        return
+    t_start = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)  # noqa: E731
+    meta = dict(mode=mode, jax=jax.__version__, backend=jax.default_backend(), devices=str(jax.devices()),
+                cpu=cpu_name(), cpu_count=os.cpu_count(), loadavg_before=os.getloadavg(),
+                xla_flags=os.environ.get("XLA_FLAGS", ""), command=" ".join(["python"] + sys.argv))
+    b0 = machine_busy_s()
+    time.sleep(3.0)
+    meta["other_cores_idle_check"] = (machine_busy_s() - b0) / 3.0
+    log(f"load average {meta['loadavg_before']}; other processes busy {meta['other_cores_idle_check']:.2f} cores")
+    peer = None if args.no_torch else TorchPeer(args.torch_python, args.threads)
+    if peer is not None:
+        meta["torch"] = peer.info
+    try:
+        results = [bench_size(s, args.quick, repeats, steps[s], peer, log, args.objective) for s in sizes]
+    finally:
+        if peer is not None:
+            peer.close()
+    meta["loadavg_after"] = os.getloadavg()
+    meta["wall_s"] = time.perf_counter() - t_start
+    text = fmt(results, meta)
+    print(text)
+    os.makedirs(RESULTS, exist_ok=True)
+    stem = "bench_train" if mode == "full" else "bench_train_quick"
+    json.dump(dict(meta=meta, results=results), open(os.path.join(RESULTS, stem + ".json"), "w"), indent=1)
+    open(os.path.join(RESULTS, stem + ".md"), "w").write(text + "\n")
+    if mode == "full" or args.write_benchmarks:
+        write_section("train", text, meta["command"])
+
+
+if __name__ == "__main__":
+    main()
