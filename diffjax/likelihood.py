@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import log_ndtr
 
+from diffjax.data.spec import to_data_range
 from diffjax.parameterization import check_prediction, make_denoiser
 from diffjax.samplers.ode import ODE_SOLVERS
 from diffjax.schedules import DiscreteDDPM, Schedule, _is_concrete, broadcast_time
@@ -211,10 +212,8 @@ def _check_discrete(u, num_bits):
 
 def dequantize(key, u, num_bits: int = 8, data_range=(-1.0, 1.0)):
     """Uniform dequantization: x = lo + (hi - lo) (u + U) / 2^n, U ~ U[0, 1)^D (Theis et al. 2016)."""
-    lo, hi = data_range
-    k = 2**num_bits
     noise = jax.random.uniform(key, u.shape, jnp.result_type(float))
-    return lo + (hi - lo) * (u.astype(noise.dtype) + noise) / k
+    return to_data_range(u.astype(noise.dtype), num_bits, noise, data_range)
 
 
 def bits_per_dim(

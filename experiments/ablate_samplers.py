@@ -45,7 +45,7 @@ def test_images(run, n):
     u = np.concatenate([np.asarray(b["x"]) for b in batches])
     if run.spec.num_bits is None:
         return u.reshape(len(u), -1)
-    return (-1.0 + 2.0 * u.astype(np.float32) / (2**run.spec.num_bits - 1)).reshape(len(u), -1)
+    return data_lib.to_data_range(u.astype(np.float32), run.spec.num_bits).reshape(len(u), -1)  # bin centres
 
 
 def main(argv=None):

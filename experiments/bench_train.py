@@ -5,7 +5,7 @@ Sizes (the Flax U-Net ``diffjax.models.UNet`` built by ``build_model`` from ``co
      table; ch 32, ch_mult (1, 2), 2 res blocks, attention at 4, dropout 0.1 when written), batch 128
   B  CIFAR-like: 32x32x3, ch 32, ch_mult (1, 2, 2), 1 res block, attention at 16, batch 32: the
      cheapest network in the range ch 32..64 / 1..2 res blocks with attention at 16 (DDPM's
-     CIFAR attention resolution). diffjax runs it at ~0.5 steps/s on an idle 2-core EPYC (and
+     CIFAR attention resolution). diffjax runs it at ~0.35-0.5 steps/s on an idle 2-core EPYC (and
      torch at ~1.4), so 7 repeats stay within minutes; anything larger would not.
 
 Contenders, all fed the same fixed host arrays (a pool of 4 uniform [-1, 1] batches, one
@@ -241,7 +241,7 @@ class TorchPeer:
         try:
             self.ask(cmd="quit")
         except (RuntimeError, BrokenPipeError):
-            pass
+            pass  # the peer already exited (e.g. after an error it reported); just reap it
         self.proc.wait(timeout=30)
 
 
@@ -396,7 +396,7 @@ def cpu_name():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
-        pass
+        pass  # no /proc (not Linux): fall back to what platform knows
     return platform.processor() or platform.machine()
 
 

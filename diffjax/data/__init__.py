@@ -11,7 +11,7 @@ in-process. ``train_batches`` gives batch s as a pure function of (seed, s, proc
 
 from diffjax.data.images import DatasetNotPreparedError, prepare
 from diffjax.data.pipeline import SPECS, eval_batches, get_spec, train_batches
-from diffjax.data.spec import DatasetSpec, default_data_dir
+from diffjax.data.spec import DATA_RANGE, DatasetSpec, default_data_dir, to_data_range
 
 __all__ = [
     "SPECS",
@@ -22,4 +22,6 @@ __all__ = [
     "get_spec",
     "prepare",
     "train_batches",
+    "DATA_RANGE",
+    "to_data_range",
 ]

@@ -41,13 +41,12 @@ import jax
 import numpy as np
 
 from diffjax.data import images, toy
-from diffjax.data.spec import DatasetSpec
+from diffjax.data.spec import DatasetSpec, to_data_range
 
 SPECS: dict[str, DatasetSpec] = {
     **{name: entry.spec for name, entry in images.IMAGE_DATASETS.items()},
     **toy.TOY_SPECS,
 }
-DATA_RANGE = (-1.0, 1.0)
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -57,15 +56,6 @@ def get_spec(name: str) -> DatasetSpec:
     return SPECS[name]
 
 
-def to_data_range(u, num_bits: int, noise=None) -> np.ndarray:
-    """n-bit integers to [-1, 1]: -1 + 2 (u + noise) / 2^n (dequantized), else -1 + 2 u / (2^n - 1)."""
-    lo, hi = DATA_RANGE
-    u = np.asarray(u, np.float32)
-    if noise is None:
-        return (lo + (hi - lo) * u / (2**num_bits - 1)).astype(np.float32)
-    return (lo + (hi - lo) * (u + noise) / 2**num_bits).astype(np.float32)
-
-
 def augment(example: dict, rng: np.random.Generator, *, num_bits: int, dequantize: bool,
             random_flip: bool) -> dict:
     """Optional horizontal flip (p = 1/2), then the map to [-1, 1] (dequantized or bin centres)."""
@@ -73,7 +63,8 @@ def augment(example: dict, rng: np.random.Generator, *, num_bits: int, dequantiz
     if random_flip and rng.random() < 0.5:
         image = image[:, ::-1]
     noise = rng.random(image.shape, dtype=np.float32) if dequantize else None
-    return {"x": to_data_range(image, num_bits, noise), "label": example["label"]}
+    x = to_data_range(np.asarray(image, np.float32), num_bits, noise)
+    return {"x": np.asarray(x, np.float32), "label": example["label"]}
 
 
 def _stream_seeds(seed: int) -> tuple[int, int]:

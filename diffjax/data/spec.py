@@ -25,3 +25,19 @@ def default_data_dir(data_dir: Optional[str] = None) -> str:
         return os.path.expanduser(os.environ[DATA_DIR_ENV])
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "diffjax", "tensorflow_datasets")
+
+
+DATA_RANGE = (-1.0, 1.0)
+
+
+def to_data_range(u, num_bits: int, noise=None, data_range=DATA_RANGE):
+    """n-bit integers u to ``data_range``: lo + (hi - lo) (u + noise) / 2^n, noise ~ U[0, 1) (uniform
+    dequantization, Theis et al. 2016), or without noise the bin centres lo + (hi - lo) u / (2^n - 1).
+
+    Plain arithmetic, so numpy (the input pipeline) and jax (``likelihood.dequantize``) share it;
+    ``u`` must already be floating point.
+    """
+    lo, hi = data_range
+    if noise is None:
+        return lo + (hi - lo) * u / (2**num_bits - 1)
+    return lo + (hi - lo) * (u + noise) / 2**num_bits

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from diffjax import data as data_lib
 from diffjax import models as models_lib
@@ -169,6 +170,7 @@ _STEP_CACHE: dict = {}
 def _train_step_for(run: Run):
     """The jitted step for this run's config, shared by runs whose step is the same (resumes, tests, sweeps)."""
     c = run.config
+    # build_loss is part of the key so a replaced loss builder (tests patch one in) never reuses a step
     key = (json.dumps({k: c[k].to_dict() for k in ("model", "diffusion", "optim")}, sort_keys=True, default=str),
            c.data.dataset, c.training.steps_per_call, c.training.param_sharding, c.training.fsdp_min_size,
            tuple(d.id for d in run.mesh.devices.flat), build_loss)
@@ -181,15 +183,21 @@ def _train_step_for(run: Run):
 
 
 def _save_if_clean(run: Run, state, pending):
-    """On Ctrl-C: checkpoint the state reached so far if every step since the last check was finite."""
+    """On Ctrl-C: checkpoint the state reached so far if every step since the last check was finite.
+
+    The interrupt is re-raised by the caller either way; a state that cannot be saved is reported
+    (the previous checkpoint stays the latest), never written.
+    """
     if run.checkpointer is None:
         return
     try:
         for first, m in pending:
             _check_finite(jax.device_get(m), first)
-        run.checkpointer.save(state)
-    except (NonFiniteError, RuntimeError):
-        pass
+        step = run.checkpointer.save(state)
+        logging.warning("interrupted: checkpointed step %d", step)
+    except (NonFiniteError, RuntimeError) as e:
+        logging.warning("interrupted: not checkpointed (%s); latest checkpoint is step %s",
+                        e, run.checkpointer.latest_step())
 
 
 def _flush(pending, writer, history_path, bar, timed_steps, timed_secs) -> float:
