@@ -58,9 +58,17 @@ def base():
     t.log_every = 50
     t.checkpoint_every = 500
     t.max_to_keep = 3
-    t.param_sharding = "replicated"  # or "fsdp": shard each large parameter (and its moments) over devices
-    t.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated under "fsdp"
+    # device mesh (diffjax.sharding): batch split over data x fsdp; large parameters (and their Adam
+    # moments and EMA) split over fsdp (ZeRO-3) and on their output features over model; -1 fills
+    t.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    t.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated
     t.num_devices = config_dict.placeholder(int)  # None: every device of every process
+
+    # multi-host (diffjax.distributed): the --coordinator_address/--num_processes/--process_id flags,
+    # DIFFJAX_COORDINATOR_ADDRESS/..._NUM_PROCESSES/..._PROCESS_ID, SLURM or a TPU pod are detected
+    c.distributed = dd = ml_collections.ConfigDict()
+    dd.heartbeat_timeout_seconds = 100  # a process silent this long is declared dead; the others stop
+    dd.initialization_timeout = 300
 
     c.sample = s = ml_collections.ConfigDict()
     s.method = "dpm_solver++_2m"

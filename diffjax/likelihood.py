@@ -29,6 +29,7 @@ from diffjax.parameterization import check_prediction, make_denoiser
 from diffjax.samplers.ode import ODE_SOLVERS
 from diffjax.schedules import DiscreteDDPM, Schedule, _is_concrete, broadcast_time
 from diffjax.sde import pf_ode_drift
+from diffjax.sharding import shard_batch, to_host
 
 __all__ = [
     "LikelihoodResult",
@@ -200,7 +201,7 @@ def _check_discrete(u, num_bits):
     if u.ndim < 2:
         raise ValueError(f"data must have shape (batch, ...data dims); got shape {u.shape}")
     k = 2**num_bits
-    if _is_concrete(u):
+    if _is_concrete(u) and u.is_fully_addressable:  # a multi-host array is checked per host before sharding
         arr = np.asarray(u)
         if arr.size and (arr.min() < 0 or arr.max() > k - 1 or np.any(arr != np.round(arr))):
             raise ValueError(
@@ -423,25 +424,33 @@ def evaluate_nll(
     num_bits: int = 8,
     data_range=(-1.0, 1.0),
     num_samples: int = 1,
+    mesh=None,
     **likelihood_kwargs,
 ):
     """Test NLL over an iterable of batches: bits/dim for n-bit integer data, nats/dim otherwise.
 
+    With a ``mesh`` (``diffjax.sharding``) each batch, held in full by every process, is split over
+    its batch axes (zero-padded to a multiple of the shards; the padding's values are dropped).
     Returns a dict with the mean, its standard error over examples, the number of examples and the
     model evaluations made.
     """
     values, nfe = [], 0
     for i, batch in enumerate(batches):
         k = jax.random.fold_in(key, i)
+        n = len(batch)
+        if mesh is not None:
+            if discrete:
+                _check_discrete(batch, num_bits)
+            batch, n = shard_batch(batch, mesh)
         if discrete:
-            bpd, n = bits_per_dim(model_fn, schedule, batch, key=k, num_bits=num_bits,
-                                  data_range=data_range, num_samples=num_samples, **likelihood_kwargs)
-            values.append(np.asarray(bpd))
-            nfe += n
+            bpd, used = bits_per_dim(model_fn, schedule, batch, key=k, num_bits=num_bits,
+                                     data_range=data_range, num_samples=num_samples, **likelihood_kwargs)
+            values.append(to_host(bpd)[:n])
+            nfe += used
         else:
             batch = _check_x(batch)
             res = log_likelihood(model_fn, schedule, batch, key=k, **likelihood_kwargs)
-            values.append(-np.asarray(res.logp) / math.prod(batch.shape[1:]))
+            values.append(-to_host(res.logp)[:n] / math.prod(batch.shape[1:]))
             nfe += int(res.nfe)
     if not values:
         raise ValueError("batches is empty")

@@ -7,14 +7,18 @@
 Writes into the workdir: ``checkpoints/`` (orbax, keep-last-N), ``loss_history.csv``,
 ``tensorboard/`` (scalars and the sample grid), ``samples.png``, ``loss_curve.png`` and
 ``metrics.json`` (final_loss, steps_per_sec, test_bpd, ...). Running it again with the same
-``--workdir`` resumes from the last checkpoint. ``--coordinator_address`` etc. start a multi-host
-run (``jax.distributed``); every process runs this same command.
+``--workdir`` resumes from the last checkpoint. A multi-host run starts every process with this
+same command; ``diffjax.distributed`` takes the process layout from ``--coordinator_address`` /
+``--num_processes`` / ``--process_id``, the ``DIFFJAX_*`` variables set by ``launch/local.sh``, or
+SLURM / TPU-pod detection (see ``launch/README.md``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -36,15 +40,39 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax/tfds INFO lines would bury the progress bar
-    if FLAGS.coordinator_address is not None:
-        import jax
+    from diffjax import distributed
 
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    d = FLAGS.config.distributed
+    source = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                    heartbeat_timeout_seconds=d.heartbeat_timeout_seconds,
+                                    initialization_timeout=d.initialization_timeout)
+    import jax
+
+    if source is not None:
+        logging.warning("multi-host run (%s): process %d of %d, %d local / %d global devices", source,
+                        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
     from diffjax.training.loop import train_and_evaluate
 
-    metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+    try:
+        metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+    except Exception:
+        if jax.process_count() == 1:
+            raise
+        # One process failing (or seeing a peer fail inside a collective) ends the run: say so and leave
+        # at once, rather than wait in jax.distributed's shutdown barrier for peers that may be gone.
+        logging.exception("process %d of %d failed; the run stops (the other processes exit when their next "
+                          "collective fails or within config.distributed.heartbeat_timeout_seconds=%d s). "
+                          "Rerun the same command to resume from the last checkpoint.",
+                          jax.process_index(), jax.process_count(), d.heartbeat_timeout_seconds)
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    if jax.process_index() == 0:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+    if metrics.get("preempted"):
+        logging.warning("pre-empted at step %d; rerun the same command to resume", metrics["step"])
+        sys.exit(128 + signal.SIGTERM)  # 143, as if killed by SIGTERM: schedulers requeue, launchers see it
 
 
 def run():

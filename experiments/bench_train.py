@@ -147,7 +147,7 @@ class JaxContenders:
         self.init_s = time.perf_counter() - t0
         self.n_params = count_params(params)
         state = TrainState.create(params, optimizer, k_run)
-        self.shardings = state_shardings(state, self.mesh, c.training.param_sharding)
+        self.shardings = state_shardings(state, self.mesh)
         self.state = shard_state(state, self.shardings)
         self.step_fn = make_train_step(loss_fn, optimizer, ema_decay=c.optim.ema_decay, shardings=self.shardings,
                                        mesh=self.mesh, steps_per_call=1)

@@ -146,7 +146,7 @@ def test_non_finite_loss_is_reported_and_never_checkpointed(tmp_path, monkeypatc
     ("model.name", "transformer9000", "config.model.name"),
     ("optim.learning_rate", -1e-3, "config.optim.learning_rate"),
     ("data.dataset", "imagenet_9", "config.data.dataset"),
-    ("training.batch_size", 12, "not divisible by the device count 8"),
+    ("training.batch_size", 12, "not divisible by the batch shards"),
     ("sample.method", "magic", "config.sample.method"),
     ("training.steps_per_call", 0, "config.training.steps_per_call"),
 ])
@@ -187,7 +187,7 @@ def test_main_job_writes_its_files_and_resumes(tmp_path):
 
 
 def test_sharded_step_matches_single_device(tmp_path):
-    """The same step on 1 device and on 8 simulated devices (replicated and FSDP parameters)."""
+    """Three steps on 1 device and on 8 simulated devices: data parallel, FSDP, and data x fsdp x model."""
     script = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
         from diffjax.config import base
@@ -196,22 +196,24 @@ def test_sharded_step_matches_single_device(tmp_path):
         c.model.ch = 8; c.model.num_res_blocks = 1; c.model.dropout = 0.0
         c.training.batch_size = 16; c.training.num_steps = 3; c.training.log_every = 1
         c.training.fsdp_min_size = 1024
+        meshes = {"1 device": (1, dict(data=1)), "data 8": (8, dict(data=8)), "fsdp 8": (8, dict(data=1, fsdp=8)),
+                  "data 2 fsdp 2 model 2": (8, dict(data=2, fsdp=2, model=2))}
         out = {}
-        for n, mode in ((1, "replicated"), (8, "replicated"), (8, "fsdp")):
-            c.training.num_devices = n; c.training.param_sharding = mode
-            run, _ = train(c, f"{WORKDIR}/{n}{mode}", progress=False)
-            out[(n, mode)] = jax.tree.map(np.asarray, run.state.params)
+        for name, (n, mesh) in meshes.items():
+            c.training.num_devices = n; c.training.mesh.update({"data": 1, "fsdp": 1, "model": 1, **mesh})
+            run, _ = train(c, f"{WORKDIR}/{name.replace(' ', '_')}", progress=False)
+            out[name] = jax.tree.map(np.asarray, run.state.params)
             specs = {str(x.sharding.spec) for x in jax.tree.leaves(run.state.params)}
-            print(n, mode, sorted(specs))
-        ref = jax.tree.leaves(out[(1, "replicated")])
-        for key in ((8, "replicated"), (8, "fsdp")):
-            err = max(float(np.max(np.abs(a - b))) for a, b in zip(ref, jax.tree.leaves(out[key])))
-            print(key, err)
-            assert err < 1e-4, (key, err)
+            print(name, sorted(specs))
+        ref = jax.tree.leaves(out["1 device"])
+        for name in list(meshes)[1:]:
+            err = max(float(np.max(np.abs(a - b))) for a, b in zip(ref, jax.tree.leaves(out[name])))
+            print(name, "max |diff|", err)
+            assert err < 1e-4, (name, err)
         print("OK")
     """).replace("WORKDIR", "'" + str(tmp_path) + "'")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr[-3000:]
-    assert "'data'" in res.stdout  # FSDP actually sharded some parameter along the data axis
+    assert "'fsdp'" in res.stdout and "'model'" in res.stdout  # parameters really were split

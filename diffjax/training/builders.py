@@ -15,7 +15,7 @@ from diffjax.parameterization import PREDICTION_TYPES
 from diffjax.samplers import METHODS
 from diffjax.schedules import VE, DiscreteDDPM, RectifiedFlow, SubVP, VPCosine, VPLinear
 from diffjax.training.state import make_optimizer
-from diffjax.training.step import PARAM_SHARDINGS
+from diffjax.sharding import mesh_shape
 
 __all__ = ["SCHEDULES", "ConfigError", "validate_config", "build_schedule", "build_model", "build_loss",
            "build_optimizer"]
@@ -75,8 +75,13 @@ def validate_config(config, num_devices: int | None = None) -> None:
         _fail("optim.grad_clip", f"must be >= 0 (0 disables clipping); got {o.grad_clip!r}")
     t = config.training
     batch = _positive_int(config, "training.batch_size")
-    if batch % num_devices:
-        _fail("training.batch_size", f"{batch} is not divisible by the device count {num_devices}")
+    try:
+        sizes = mesh_shape(t.mesh.to_dict(), num_devices)
+    except ValueError as e:
+        _fail("training.mesh", str(e))
+    shards = sizes["data"] * sizes["fsdp"]
+    if batch % shards:
+        _fail("training.batch_size", f"{batch} is not divisible by the batch shards data x fsdp = {shards}")
     if batch % jax.process_count():
         _fail("training.batch_size", f"{batch} is not divisible by the process count {jax.process_count()}")
     num_steps = _positive_int(config, "training.num_steps")
@@ -88,8 +93,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
     if num_steps % k:
         _fail("training.num_steps", f"{num_steps} must be a multiple of training.steps_per_call={k}")
     _positive_int(config, "training.max_to_keep")
-    if t.param_sharding not in PARAM_SHARDINGS:
-        _fail("training.param_sharding", f"must be one of {PARAM_SHARDINGS}; got {t.param_sharding!r}")
+    _positive_int(config, "training.fsdp_min_size")
     if config.sample.method not in METHODS:
         _fail("sample.method", f"unknown sampler {config.sample.method!r}; known: {sorted(METHODS)}")
     _positive_int(config, "sample.num_steps")

@@ -28,6 +28,7 @@ from diffjax import data as data_lib
 from diffjax import models as models_lib
 from diffjax.likelihood import evaluate_nll
 from diffjax.samplers import sample
+from diffjax.sharding import shard_batch, to_host
 from diffjax.training.builders import build_loss, build_model, build_optimizer, build_schedule, validate_config
 from diffjax.training.checkpoint import Checkpointer, NonFiniteError
 from diffjax.training.state import TrainState
@@ -57,11 +58,11 @@ def setup(config, workdir: Optional[str] = None, restore: bool = True) -> Run:
     spec = data_lib.get_spec(config.data.dataset)
     module = build_model(config)
     schedule = build_schedule(config.diffusion)
-    mesh = make_mesh(config.training.num_devices)
+    mesh = make_mesh(config.training.mesh.to_dict(), config.training.num_devices)
     k_init, k_run = jax.random.split(jax.random.PRNGKey(config.seed))
     params = models_lib.init_params(module, k_init, (1, *spec.shape))
     state = TrainState.create(params, build_optimizer(config), k_run)
-    shardings = state_shardings(state, mesh, config.training.param_sharding, config.training.fsdp_min_size)
+    shardings = state_shardings(state, mesh, config.training.fsdp_min_size)
     state = shard_state(state, shardings)
     ckpt = None
     if workdir is not None:
@@ -73,18 +74,33 @@ def setup(config, workdir: Optional[str] = None, restore: bool = True) -> Run:
 
 
 class _StopRequested:
-    """SIGTERM sets a flag; the loop checkpoints at the next step boundary and returns."""
+    """SIGTERM (pre-emption) stops the loop at a step boundary, where it checkpoints and returns.
+
+    One process: a Python signal handler sets a flag. Several processes: JAX's pre-emption sync
+    manager (installed by ``jax.distributed.initialize``) owns SIGTERM, and
+    ``reached_preemption_sync_point(step)`` turns true at the *same* step on every process, so all
+    of them save the same step and none is left waiting in a collective.
+    """
 
     def __init__(self):
         self.requested = False
         self._old = None
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+        if not self._multi:
+            try:
+                self._old = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread
+                self._old = None
         return self
+
+    def check(self, step: int) -> bool:
+        if self._multi and not self.requested:
+            from jax.experimental import multihost_utils
+
+            self.requested = bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.requested
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -123,12 +139,14 @@ def train(config, workdir: str, *, run: Optional[Run] = None, progress: bool = T
 
     writer = _summary_writer(workdir) if is_main else None
     history_path = os.path.join(workdir, "loss_history.csv")
+    if is_main:
+        _truncate_history(history_path, start)
     bar = _progress(start, end, disable=not (progress and is_main))
     state, pending, last_loss = run.state, [], float("nan")
     step, timed_steps, timed_secs, t_last, s_last = start, 0, 0.0, None, start
     try:
         with _StopRequested() as stop:
-            while step < end and not stop.requested:
+            while step < end and not stop.check(step):
                 chunk = [next(batches) for _ in range(k)]
                 host = chunk[0] if k == 1 else jax.tree.map(lambda *xs: np.stack(xs), *chunk)
                 state, metrics = step_fn(state, global_batch(host, run.mesh, stacked=k > 1))
@@ -160,8 +178,10 @@ def train(config, workdir: str, *, run: Optional[Run] = None, progress: bool = T
         writer.flush()
     run.state = state
     steps_per_sec = timed_steps / timed_secs if timed_secs > 0 else float("nan")
+    if stop.requested:
+        logging.warning("SIGTERM: checkpointed step %d and stopped", step)
     return run, {"final_loss": last_loss, "steps_per_sec": steps_per_sec, "steps": step - start,
-                 "step": step, "start_step": start}
+                 "step": step, "start_step": start, "preempted": stop.requested}
 
 
 _STEP_CACHE: dict = {}
@@ -172,8 +192,7 @@ def _train_step_for(run: Run):
     c = run.config
     # build_loss is part of the key so a replaced loss builder (tests patch one in) never reuses a step
     key = (json.dumps({k: c[k].to_dict() for k in ("model", "diffusion", "optim")}, sort_keys=True, default=str),
-           c.data.dataset, c.training.steps_per_call, c.training.param_sharding, c.training.fsdp_min_size,
-           tuple(d.id for d in run.mesh.devices.flat), build_loss)
+           c.data.dataset, c.training.steps_per_call, c.training.fsdp_min_size, run.mesh, build_loss)
     if key not in _STEP_CACHE:
         loss_fn = build_loss(c, run.schedule, run.module)
         _STEP_CACHE[key] = make_train_step(loss_fn, build_optimizer(c), ema_decay=c.optim.ema_decay,
@@ -198,6 +217,20 @@ def _save_if_clean(run: Run, state, pending):
     except (NonFiniteError, RuntimeError) as e:
         logging.warning("interrupted: not checkpointed (%s); latest checkpoint is step %s",
                         e, run.checkpointer.latest_step())
+
+
+def _truncate_history(path: str, step: int):
+    """Drop rows past the restored step (logged before a crash), so a resumed run's CSV has each step once."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    if len(kept) != len(rows):
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(tmp, path)
 
 
 def _flush(pending, writer, history_path, bar, timed_steps, timed_secs) -> float:
@@ -249,11 +282,19 @@ def ema_model_fn(run: Run):
 
 
 def generate(run: Run, *, method: str, num_steps: int, num_samples: int, key, cond=None, **options):
-    """Samples from the EMA model with any ``diffjax.sample`` method, ending with the exact denoise at t = 0."""
-    x_T = run.schedule.prior_sample(key, (num_samples, *run.spec.shape))
+    """Samples from the EMA model with any ``diffjax.sample`` method, ending with the exact denoise at t = 0.
+
+    The batch is split over the run's mesh (zero rows pad it to a multiple of the batch shards);
+    returns host samples, identical on every process, and the NFE.
+    """
+    x_T = to_host(run.schedule.prior_sample(key, (num_samples, *run.spec.shape)))
+    x_T, n = shard_batch(x_T, run.mesh)
+    if cond is not None:
+        cond, _ = shard_batch(cond, run.mesh)
     k = jax.random.fold_in(key, 1)
-    return sample(ema_model_fn(run), run.schedule, x_T, method=method, num_steps=num_steps, key=k,
-                  prediction=run.config.diffusion.prediction, cond=cond, t_end=0.0, return_nfe=True, **options)
+    x, nfe = sample(ema_model_fn(run), run.schedule, x_T, method=method, num_steps=num_steps, key=k,
+                    prediction=run.config.diffusion.prediction, cond=cond, t_end=0.0, return_nfe=True, **options)
+    return to_host(x)[:n], int(nfe)
 
 
 def evaluate(run: Run, workdir: str) -> dict:
@@ -263,11 +304,10 @@ def evaluate(run: Run, workdir: str) -> dict:
     k_sample, k_nll = jax.random.split(key)
     n = config.sample.num_samples
     num_classes = config.model.get("num_classes")
-    cond = jnp.arange(n) % num_classes if num_classes else None
+    cond = np.arange(n, dtype=np.int32) % num_classes if num_classes else None
     t0 = time.perf_counter()
     x, nfe = generate(run, method=config.sample.method, num_steps=config.sample.num_steps, num_samples=n,
                       key=k_sample, cond=cond)
-    x = np.asarray(jax.device_get(x))
     sample_secs = time.perf_counter() - t0
     out = {"sample_method": config.sample.method, "sample_nfe": int(nfe), "sample_seconds": sample_secs}
     if jax.process_index() == 0:
@@ -291,7 +331,7 @@ def evaluate(run: Run, workdir: str) -> dict:
         nll = evaluate_nll(ema_model_fn(run), run.schedule, (b["x"] if isinstance(b, dict) else b for b in batches),
                            key=k_nll, discrete=discrete, num_bits=run.spec.num_bits or 8,
                            prediction=config.diffusion.prediction, trace=config.eval.trace,
-                           rtol=config.eval.rtol, atol=config.eval.atol)
+                           rtol=config.eval.rtol, atol=config.eval.atol, mesh=run.mesh)
         name = "test_bpd" if discrete else "test_nats_per_dim"
         out.update({name: nll["mean"], f"{name}_stderr": nll["stderr"], "nll_examples": nll["num_examples"],
                     "nll_nfe": nll["nfe"], "nll_seconds": time.perf_counter() - t0})
@@ -305,7 +345,10 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
     run = setup(config, workdir)
     run, summary = train(config, workdir, run=run, progress=progress)
     metrics = {**summary, "train_seconds": time.perf_counter() - t0,
-               "num_params": models_lib.count_params(run.state.params), "num_devices": run.mesh.size}
+               "num_params": models_lib.count_params(run.state.params), "num_devices": run.mesh.size,
+               "num_processes": jax.process_count()}
+    if summary["preempted"]:  # checkpointed; rerunning the same command resumes
+        return metrics
     metrics.update(evaluate(run, workdir))
     metrics["total_seconds"] = time.perf_counter() - t0
     # NaN (e.g. steps_per_sec of a run too short to time past compilation) is written as null

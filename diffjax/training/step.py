@@ -1,8 +1,9 @@
 """One jitted train step, laid out on a device mesh with ``jax.sharding``.
 
 The same code runs on one CPU, on 8 simulated devices and on a multi-host pod: the batch is split
-along the mesh's ``data`` axis, the parameters are replicated or (``"fsdp"``) sharded along the
-same axis, and XLA's SPMD partitioner inserts the gradient all-reduce / parameter all-gathers.
+over the mesh's ``data`` and ``fsdp`` axes, parameters are replicated or sharded over ``fsdp`` /
+``model`` by the rule set in ``diffjax.sharding``, and XLA's SPMD partitioner inserts the gradient
+all-reduce (or reduce-scatter) and the parameter all-gathers.
 Random numbers are drawn from ``fold_in(state.key, step)`` inside the step; with JAX's
 partitionable threefry they do not depend on how the batch is laid out, so a run on 8 devices
 draws the same noise as a run on 1.
@@ -22,63 +23,20 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffjax.sharding import batch_sharding, global_batch, make_mesh, tree_shardings
 from diffjax.training.state import TrainState, ema_update
 
-__all__ = ["make_mesh", "state_shardings", "shard_state", "global_batch", "make_train_step", "PARAM_SHARDINGS"]
-
-PARAM_SHARDINGS = ("replicated", "fsdp")
-DATA_AXIS = "data"
+__all__ = ["make_mesh", "state_shardings", "shard_state", "global_batch", "make_train_step"]
 
 
-def make_mesh(num_devices: Optional[int] = None) -> Mesh:
-    """A 1-D mesh over all (or the first ``num_devices``) devices, across every process, axis ``data``."""
-    devices = jax.devices()
-    if num_devices is not None:
-        if not 0 < num_devices <= len(devices):
-            raise ValueError(f"num_devices must lie in [1, {len(devices)}]; got {num_devices}")
-        devices = devices[:num_devices]
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def _leaf_spec(x, mode: str, n: int, min_size: int):
-    """FSDP: shard the largest axis divisible by the mesh size; small or indivisible leaves replicate."""
-    if mode == "replicated" or x.ndim == 0 or x.size < min_size:
-        return P()
-    for axis in sorted(range(x.ndim), key=lambda a: -x.shape[a]):
-        if x.shape[axis] % n == 0:
-            spec = [None] * x.ndim
-            spec[axis] = DATA_AXIS
-            return P(*spec)
-    return P()
-
-
-def state_shardings(state: TrainState, mesh: Mesh, mode: str = "replicated", min_size: int = 2**14):
-    """NamedShardings for every leaf of the state: params, EMA and optimizer moments alike."""
-    if mode not in PARAM_SHARDINGS:
-        raise ValueError(f"param_sharding must be one of {PARAM_SHARDINGS}; got {mode!r}")
-    n = mesh.shape[DATA_AXIS]
-    return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(x, mode, n, min_size)), state)
+def state_shardings(state: TrainState, mesh: Mesh, min_size: int = 2**14):
+    """NamedShardings for every leaf of the state by ``diffjax.sharding.leaf_spec``: params, EMA, moments alike."""
+    return tree_shardings(state, mesh, min_size)
 
 
 def shard_state(state: TrainState, shardings) -> TrainState:
     """Place the state on the mesh (each process holds its addressable shards)."""
     return jax.device_put(state, shardings)
-
-
-def global_batch(local_batch, mesh: Mesh, stacked: bool = False):
-    """Assemble the global batch from each process's slice, split along ``data`` (batch axis 0, or 1 if stacked)."""
-    spec = P(None, DATA_AXIS) if stacked else P(DATA_AXIS)
-    sharding = NamedSharding(mesh, spec)
-    n = mesh.shape[DATA_AXIS] // jax.process_count()
-
-    def put(x):
-        x = np.asarray(x)
-        b = x.shape[1 if stacked else 0]
-        if b % n:
-            raise ValueError(f"the per-process batch ({b}) must be divisible by the number of local devices ({n})")
-        return jax.make_array_from_process_local_data(sharding, x)
-
-    return jax.tree.map(put, local_batch)
 
 
 def make_train_step(
@@ -121,7 +79,6 @@ def make_train_step(
     if shardings is not None:
         if mesh is None:
             raise ValueError("shardings needs the mesh they live on")
-        batch_spec = P(None, DATA_AXIS) if steps_per_call > 1 else P(DATA_AXIS)
-        kwargs.update(in_shardings=(shardings, NamedSharding(mesh, batch_spec)),
+        kwargs.update(in_shardings=(shardings, batch_sharding(mesh, stacked=steps_per_call > 1)),
                       out_shardings=(shardings, NamedSharding(mesh, P())))
     return jax.jit(step, **kwargs)
