@@ -7,8 +7,8 @@ any JAX computation. Where the process count and ids come from, in order:
    --process_id=i``);
 2. ``DIFFJAX_COORDINATOR_ADDRESS`` / ``DIFFJAX_NUM_PROCESSES`` / ``DIFFJAX_PROCESS_ID`` (set by
    ``launch/local.sh``);
-3. a SLURM allocation with more than one task (``SLURM_JOB_ID``, ``SLURM_NTASKS`` > 1): JAX reads
-   the node list, task count and task id itself;
+3. an ``srun`` step of more than one task (``SLURM_JOB_ID``, ``SLURM_STEP_NODELIST``,
+   ``SLURM_NTASKS`` > 1): JAX reads the node list, task count and task id itself;
 4. ``DIFFJAX_DISTRIBUTED=auto`` (``launch/tpu_pod.sh``): JAX's cluster auto-detection (Cloud TPU
    VM pods via the metadata server, GKE, Open MPI, SLURM).
 
@@ -59,7 +59,8 @@ def detect(coordinator_address: Optional[str] = None, num_processes: Optional[in
                     num_processes=_int(env, ENV_PREFIX + "NUM_PROCESSES"),
                     process_id=_int(env, ENV_PREFIX + "PROCESS_ID"))
         return _checked(args, "env")
-    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1:
+    if (env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_NODELIST")  # inside an srun step
+            and _int(env, "SLURM_NTASKS") > 1):
         return {"cluster_detection_method": "slurm", "source": "slurm"}
     if env.get(ENV_PREFIX + "DISTRIBUTED", "").lower() == "auto":
         return {"source": "auto"}

@@ -35,16 +35,18 @@ TOY_ARGS = ["--config", os.path.join(REPO, "experiments", "configs", "toy2d.py")
 
 def test_detect_single_process_by_default():
     assert distributed.detect(env={}) is None
-    assert distributed.detect(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+    assert distributed.detect(env={"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}) is None
+    assert distributed.detect(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}) is None  # batch script, not srun
 
 
 def test_detect_sources_in_order():
     flags = distributed.detect("10.0.0.1:1234", 4, 3, env={"DIFFJAX_COORDINATOR_ADDRESS": "x:1"})
     assert flags == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3, "source": "flags"}
     env = {"DIFFJAX_COORDINATOR_ADDRESS": "127.0.0.1:5", "DIFFJAX_NUM_PROCESSES": "2", "DIFFJAX_PROCESS_ID": "1",
-           "SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}
+           "SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "8"}
     assert distributed.detect(env=env)["source"] == "env"
-    assert distributed.detect(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}) == {
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "8"}
+    assert distributed.detect(env=slurm) == {
         "cluster_detection_method": "slurm", "source": "slurm"}
     assert distributed.detect(env={"DIFFJAX_DISTRIBUTED": "auto"}) == {"source": "auto"}
 
