@@ -11,7 +11,7 @@ in-process. ``train_batches`` gives batch s as a pure function of (seed, s, proc
 
 from diffjax.data.images import DatasetNotPreparedError, prepare
 from diffjax.data.pipeline import SPECS, eval_batches, get_spec, train_batches
-from diffjax.data.spec import DATA_RANGE, DatasetSpec, default_data_dir, to_data_range
+from diffjax.data.spec import DATA_RANGE, DatasetSpec, default_data_dir, from_data_range, to_data_range
 
 __all__ = [
     "SPECS",
@@ -24,4 +24,5 @@ __all__ = [
     "train_batches",
     "DATA_RANGE",
     "to_data_range",
+    "from_data_range",
 ]

@@ -41,3 +41,13 @@ def to_data_range(u, num_bits: int, noise=None, data_range=DATA_RANGE):
     if noise is None:
         return lo + (hi - lo) * u / (2**num_bits - 1)
     return lo + (hi - lo) * (u + noise) / 2**num_bits
+
+
+def from_data_range(x, num_bits: int, data_range=DATA_RANGE):
+    """The inverse of the bin-centre map: the nearest n-bit integer of x, clipped (numpy)."""
+    import numpy as np
+
+    lo, hi = data_range
+    k = 2**num_bits - 1
+    u = np.rint((np.asarray(x, np.float64) - lo) / (hi - lo) * k)
+    return np.clip(u, 0, k).astype(np.uint8 if num_bits <= 8 else np.uint16)

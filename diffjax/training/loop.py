@@ -281,18 +281,19 @@ def ema_model_fn(run: Run):
     return jax.tree_util.Partial(run.apply_eval, run.state.ema_params)
 
 
-def generate(run: Run, *, method: str, num_steps: int, num_samples: int, key, cond=None, **options):
+def generate(run: Run, *, method: str, num_steps: int, num_samples: int, key, cond=None, model_fn=None, **options):
     """Samples from the EMA model with any ``diffjax.sample`` method, ending with the exact denoise at t = 0.
 
-    The batch is split over the run's mesh (zero rows pad it to a multiple of the batch shards);
-    returns host samples, identical on every process, and the NFE.
+    ``model_fn`` (default: the EMA model) may wrap it, e.g. with ``diffjax.guidance``. The batch is
+    split over the run's mesh (zero rows pad it to a multiple of the batch shards); returns host
+    samples, identical on every process, and the NFE.
     """
     x_T = to_host(run.schedule.prior_sample(key, (num_samples, *run.spec.shape)))
     x_T, n = shard_batch(x_T, run.mesh)
     if cond is not None:
         cond, _ = shard_batch(cond, run.mesh)
     k = jax.random.fold_in(key, 1)
-    x, nfe = sample(ema_model_fn(run), run.schedule, x_T, method=method, num_steps=num_steps, key=k,
+    x, nfe = sample(model_fn or ema_model_fn(run), run.schedule, x_T, method=method, num_steps=num_steps, key=k,
                     prediction=run.config.diffusion.prediction, cond=cond, t_end=0.0, return_nfe=True, **options)
     return to_host(x)[:n], int(nfe)
 
@@ -341,6 +342,9 @@ def evaluate(run: Run, workdir: str) -> dict:
 def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
     """The main job: train (resuming if ``workdir`` has checkpoints), evaluate, write ``metrics.json``."""
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:  # what `python -m diffjax.generate --workdir` rebuilds the model from
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     t0 = time.perf_counter()
     run = setup(config, workdir)
     run, summary = train(config, workdir, run=run, progress=progress)
