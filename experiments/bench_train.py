@@ -140,7 +140,7 @@ class JaxContenders:
         self.schedule = build_schedule(c.diffusion)
         loss_fn = build_loss(c, self.schedule, module)
         optimizer = build_optimizer(c)
-        self.mesh = make_mesh(1)
+        self.mesh = make_mesh(num_devices=1)
         k_init, k_run = jax.random.split(jax.random.PRNGKey(c.seed))
         t0 = time.perf_counter()
         params = init_params(module, k_init, (1, s["resolution"], s["resolution"], s["channels"]))
