@@ -80,8 +80,10 @@ def generate_samples(workdir: str, num_samples: int, *, method=None, num_steps=N
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1; got {batch_size}")
     config = load_config(workdir)
-    method = method or config.sample.method
-    num_steps = num_steps or config.sample.num_steps
+    method = config.sample.method if method is None else method
+    num_steps = config.sample.num_steps if num_steps is None else num_steps
+    if not (isinstance(num_steps, int) and num_steps >= 1):
+        raise ValueError(f"--num_steps must be >= 1; got {num_steps}")
     if method not in METHODS:
         raise ValueError(f"--method must be one of {sorted(METHODS)}; got {method!r}")
     num_classes = config.model.get("num_classes")

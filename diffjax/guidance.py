@@ -21,8 +21,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from diffjax.parameterization import Denoised, call_model, check_prediction, from_x0_eps, to_x0_eps
-from diffjax.schedules import Schedule, broadcast_time
+from diffjax.parameterization import Denoised, _coeffs, call_model, check_prediction, from_x0_eps, to_x0_eps
+from diffjax.schedules import Schedule
 
 __all__ = ["classifier_free_guidance", "classifier_guidance", "dynamic_thresholding", "clip_x0", "check_labels"]
 
@@ -88,8 +88,7 @@ def _classifier_guided(model_fn, schedule, classifier_log_prob, scale, predictio
         return jnp.sum(lp)
 
     grad = jax.grad(total_log_prob)(x)
-    t_b = broadcast_time(jnp.asarray(t, x.dtype), x)
-    alpha, sigma = schedule._alpha(t_b), schedule._sigma(t_b)
+    _, alpha, sigma = _coeffs(schedule, t, x)
     d = to_x0_eps(pred, prediction, x, t, schedule)
     guided = Denoised(x0=d.x0 + scale * sigma**2 / alpha * grad, eps=d.eps - scale * sigma * grad)
     return from_x0_eps(guided, prediction, x, t, schedule)
@@ -119,8 +118,7 @@ def _replaced_x0(model_fn, schedule, prediction, transform, x, t, cond=None):
     x_t = alpha x0 + sigma eps."""
     pred = call_model(model_fn, x, t, cond)
     d = to_x0_eps(pred, prediction, x, t, schedule)
-    t_b = broadcast_time(jnp.asarray(t, x.dtype), x)
-    alpha, sigma = schedule._alpha(t_b), schedule._sigma(t_b)
+    _, alpha, sigma = _coeffs(schedule, t, x)
     x0 = transform(d.x0)
     eps = jnp.where(sigma > 0, (x - alpha * x0) / jnp.where(sigma > 0, sigma, 1.0), d.eps)
     return from_x0_eps(Denoised(x0, eps), prediction, x, t, schedule)

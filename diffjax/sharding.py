@@ -138,6 +138,8 @@ def shard_batch(x, mesh: Mesh):
     Returns ``(global_array, n)`` with ``n`` the number of real rows (the first ``n``).
     """
     x = np.asarray(x)
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"shard_batch needs a batch of shape (n >= 1, ...); got shape {x.shape}")
     n = x.shape[0]
     pad = -n % batch_shards(mesh)
     if pad:

@@ -42,7 +42,6 @@ KINDS = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective
 BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
 OP = re.compile(r"=\s*(?P<type>.+?)\s+(?P<kind>" + "|".join(KINDS) + r")(?P<start>-start)?\(")
 SHAPE = re.compile(r"\b(" + "|".join(BYTES) + r")\[([\d,]*)\]")
-GROUPS = re.compile(r"replica_groups=(\{[^}]*\}(?:,\{[^}]*\})*\}|\[[^\]]*\]<=\[[^\]]*\][^,\s]*)")
 
 LAYOUTS = {
     "data 8 (data parallel)": {"data": 8, "fsdp": 1, "model": 1},

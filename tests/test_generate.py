@@ -65,6 +65,13 @@ def test_bad_labels_are_named(spec, classes, match):
         parse_labels(spec, classes, 4)
 
 
+def test_bad_sampler_arguments_are_named(conditional_run):
+    with pytest.raises(ValueError, match="--num_steps must be >= 1"):
+        generate_samples(conditional_run, 2, num_steps=0)
+    with pytest.raises(ValueError, match="--method must be one of"):
+        generate_samples(conditional_run, 2, method="magic")
+
+
 def test_missing_workdir_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         generate_samples(str(tmp_path), 2)

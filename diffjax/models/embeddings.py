@@ -28,6 +28,7 @@ __all__ = [
     "check_time",
     "TimeEmbedding",
     "ClassEmbedding",
+    "conditioning",
 ]
 
 EMBEDDINGS = ("positional", "fourier")
@@ -163,3 +164,20 @@ class ClassEmbedding(nn.Module):
         table = nn.Embed(self.num_classes + 1, self.dim, name="table",
                          embedding_init=nn.initializers.normal(1.0))
         return table(cond)
+
+
+def conditioning(model: nn.Module, t, cond, batch: int, *, dim: int, features: int) -> jax.Array:
+    """The vector every block of ``model`` is conditioned on: the time embedding of ``t`` plus, for a
+    class-conditional model, the class embedding of ``cond`` (submodules ``time_embed`` / ``class_embed``).
+
+    Called inside ``model``'s compact ``__call__``; reads its ``embedding``, ``time_scale``,
+    ``fourier_scale`` and ``num_classes`` fields.
+    """
+    if cond is not None and model.num_classes is None:
+        raise ValueError(f"cond was given but num_classes is None (an unconditional {type(model).__name__})")
+    t = check_time(t, batch)
+    emb = TimeEmbedding(dim, features, model.embedding, model.time_scale, model.fourier_scale,
+                        name="time_embed")(t)
+    if model.num_classes is not None:
+        emb = emb + ClassEmbedding(model.num_classes, dim, name="class_embed")(cond, batch)
+    return emb

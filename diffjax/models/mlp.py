@@ -7,14 +7,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffjax.models.embeddings import (
-    ClassEmbedding,
-    TimeEmbedding,
-    check_embedding_fields,
-    check_int,
-    check_time,
-    default_init,
-)
+from diffjax.models.embeddings import check_embedding_fields, check_int, conditioning, default_init
 
 __all__ = ["MLP", "MLPBlock"]
 
@@ -74,15 +67,9 @@ class MLP(nn.Module):
         x = jnp.asarray(x)
         if x.ndim != 2:
             raise ValueError(f"MLP input x must have rank 2 (B, D); got shape {x.shape}")
-        if cond is not None and self.num_classes is None:
-            raise ValueError("cond was given but num_classes is None (an unconditional MLP)")
         b, d = x.shape
-        t = check_time(t, b)
         emb_dim = self.width if self.emb_dim is None else self.emb_dim
-        emb = TimeEmbedding(emb_dim, emb_dim, self.embedding, self.time_scale, self.fourier_scale,
-                            name="time_embed")(t)
-        if self.num_classes is not None:
-            emb = emb + ClassEmbedding(self.num_classes, emb_dim, name="class_embed")(cond, b)
+        emb = conditioning(self, t, cond, b, dim=emb_dim, features=emb_dim)
         h = nn.Dense(self.width, kernel_init=default_init(), name="dense_in")(x)
         for i in range(self.depth):
             h = MLPBlock(self.width, self.layer_norm, self.dropout, name=f"block{i}")(h, emb, train)

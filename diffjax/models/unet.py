@@ -19,14 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.models.embeddings import (
-    ClassEmbedding,
-    TimeEmbedding,
-    check_embedding_fields,
-    check_int,
-    check_time,
-    default_init,
-)
+from diffjax.models.embeddings import check_embedding_fields, check_int, conditioning, default_init
 
 __all__ = ["UNet", "ResBlock", "AttnBlock", "Downsample", "Upsample", "default_num_groups"]
 
@@ -284,17 +277,9 @@ class UNet(nn.Module):
             if c % value:
                 raise ValueError(f"{field}={value} must divide the {c} channels of the attention "
                                  f"at resolution {res[i]} (ch={self.ch}, ch_mult={tuple(self.ch_mult)})")
-        if cond is not None and self.num_classes is None:
-            raise ValueError("cond was given but num_classes is None (an unconditional UNet)")
-        t = check_time(t, b)
         out_ch = c_in if self.out_channels is None else self.out_channels
         chans = [self.ch * m for m in self.ch_mult]
-
-        temb_dim = 4 * self.ch
-        emb = TimeEmbedding(temb_dim, self.ch, self.embedding, self.time_scale, self.fourier_scale,
-                            name="time_embed")(t)
-        if self.num_classes is not None:
-            emb = emb + ClassEmbedding(self.num_classes, temb_dim, name="class_embed")(cond, b)
+        emb = conditioning(self, t, cond, b, dim=4 * self.ch, features=self.ch)  # DDPM: ch features -> 4 ch
 
         def resblock(h, c, name, up=False, down=False):
             return ResBlock(c, self.num_groups, self.dropout, self.scale_shift, self.skip_rescale,

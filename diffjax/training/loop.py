@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
