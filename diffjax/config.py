@@ -13,6 +13,9 @@ from ml_collections import config_dict
 def base():
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # "diffusion": a denoiser (eps/x0/v/score); "classifier": a noise-conditional classifier
+    # p(y | x_t, t) for classifier guidance, trained by cross-entropy on x_t ~ q(x_t | x_0)
+    c.task = "diffusion"
 
     c.data = d = ml_collections.ConfigDict()
     d.dataset = "digits"
@@ -54,6 +57,7 @@ def base():
     c.training = t = ml_collections.ConfigDict()
     t.batch_size = 128
     t.num_steps = 600
+    t.max_train_seconds = config_dict.placeholder(float)  # also stop after this wall time (equal-compute runs)
     t.steps_per_call = 1
     t.log_every = 50
     t.checkpoint_every = 500
@@ -83,6 +87,7 @@ def base():
     e.trace = "hutchinson"  # exact costs D = 64 network passes per evaluation
     e.rtol = 1e-3
     e.atol = 1e-3
+    e.classifier_times = (0.0, 0.25, 0.5, 0.75)  # task "classifier": test accuracy at these t (0: t_min)
     return c
 
 

@@ -9,7 +9,12 @@ the data's own range and shape: n-bit images as unsigned integers (N, H, W, C), 
 (N, D). With a class-conditional model, ``--labels`` picks the classes (``all``: 0, 1, ..., K-1
 repeated; a list ``3,1,4``, repeated to N; one class ``7``), the labels are saved beside the
 samples as ``OUT_labels.npy``, and ``--guidance_scale w > 0`` applies classifier-free guidance
-with the model's learned null class.
+with the model's learned null class. ``--classifier_workdir C --classifier_scale s`` adds
+classifier guidance (ADM-G) with the noise-conditional classifier trained in C (same schedule);
+the model is given the labels only if it is class-conditional.
+
+    python -m diffjax.generate --workdir runs/digits --classifier_workdir runs/digits_classifier \
+        --classifier_scale 2 --labels all --num_samples 100 --out guided.npy
 """
 
 from __future__ import annotations
@@ -27,19 +32,21 @@ flags.DEFINE_string("out", None, "Output .npy file for the samples.", required=T
 flags.DEFINE_string("method", None, "Sampler (default: the run's config.sample.method).")
 flags.DEFINE_integer("num_steps", None, "Sampler steps (default: the run's config.sample.num_steps).")
 flags.DEFINE_float("guidance_scale", 0.0, "Classifier-free guidance weight w (0: none).")
-flags.DEFINE_string("labels", None, "Classes for a conditional model: 'all', '3,1,4' or '7'.")
+flags.DEFINE_string("labels", None, "Classes for a conditional model or classifier guidance: 'all', '3,1,4' or '7'.")
+flags.DEFINE_string("classifier_workdir", None, "A classifier run (config.task=classifier) for classifier guidance.")
+flags.DEFINE_float("classifier_scale", 0.0, "Classifier guidance scale s (0: none; needs --classifier_workdir).")
 flags.DEFINE_integer("batch_size", 500, "Samples per sampler call.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def parse_labels(spec, num_classes, num_samples):
-    """The label array for ``--labels`` (None for an unconditional model), checked against the classes."""
+    """The label array for ``--labels`` (None when nothing takes labels), checked against the classes."""
     import numpy as np
 
     if num_classes is None:
         if spec is not None:
             raise ValueError("--labels was given but the run's model is unconditional (config.model.num_classes "
-                             "is unset)")
+                             "is unset) and no --classifier_workdir guides it")
         return None
     if spec is None or spec == "all":
         base = np.arange(num_classes)
@@ -63,17 +70,75 @@ def load_config(workdir: str):
         return ml_collections.ConfigDict(json.load(f))
 
 
-def generate_samples(workdir: str, num_samples: int, *, method=None, num_steps=None, guidance_scale=0.0,
-                     labels=None, batch_size=500, seed=0):
-    """(samples in the data's range and shape, labels or None) from the latest checkpoint's EMA weights."""
+def _same_schedule(model_config, classifier_config) -> None:
+    fields = ("schedule", "beta_min", "beta_max", "sigma_min", "sigma_max", "num_timesteps")
+    a = {k: model_config.diffusion.get(k) for k in fields}
+    b = {k: classifier_config.diffusion.get(k) for k in fields}
+    if a != b:
+        raise ValueError(f"--classifier_workdir was trained on another schedule: {b} vs the model's {a}")
+
+
+def _load_run(workdir: str, task: str):
+    from diffjax.training.loop import setup
+
+    config = load_config(workdir)
+    if config.get("task", "diffusion") != task:
+        raise ValueError(f"{workdir} holds a {config.get('task', 'diffusion')} run, not a {task} run")
+    run = setup(config, workdir)
+    if run.checkpointer.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    return run
+
+
+def guided_model_fn(run, *, guidance_scale=0.0, classifier=None, classifier_scale=0.0):
+    """The run's EMA ``model_fn`` with classifier-free guidance (weight w) and, given a classifier run,
+    classifier guidance (scale s); the model sees labels only if it is class-conditional."""
+    from diffjax import guidance
+    from diffjax.training.loop import ema_model_fn
+
+    num_classes = run.config.model.get("num_classes")
+    if guidance_scale != 0 and num_classes is None:
+        raise ValueError("--guidance_scale needs a class-conditional run (config.model.num_classes)")
+    if classifier_scale != 0 and classifier is None:
+        raise ValueError("--classifier_scale needs --classifier_workdir (a run with config.task=classifier)")
+    model_fn = ema_model_fn(run)
+    if guidance_scale != 0:
+        model_fn = guidance.classifier_free_guidance(model_fn, float(guidance_scale), null_cond=num_classes)
+    if classifier is not None:  # scale 0 still drops the labels an unconditional model must not see
+        log_prob = guidance.classifier_log_prob(ema_model_fn(classifier))
+        model_fn = guidance.classifier_guidance(model_fn, run.schedule, log_prob, float(classifier_scale),
+                                                prediction=run.config.diffusion.prediction,
+                                                unconditional=num_classes is None)
+    return model_fn
+
+
+def draw(run, model_fn, num_samples: int, *, labels=None, method=None, num_steps=None, batch_size=500, seed=0):
+    """``num_samples`` samples of ``model_fn`` on ``run``'s schedule in the data's range and shape (n-bit
+    images as unsigned integers), drawn in batches of ``batch_size``; returns (samples, NFE per sample)."""
     import jax
     import numpy as np
 
-    from diffjax import guidance
     from diffjax.data import from_data_range
-    from diffjax.samplers import METHODS
-    from diffjax.training.loop import ema_model_fn, setup
     from diffjax.training.loop import generate as generate_batch
+
+    key = jax.random.PRNGKey(seed)
+    chunks, nfe = [], 0
+    for i, start in enumerate(range(0, num_samples, batch_size)):
+        n = min(batch_size, num_samples - start)
+        cond = None if labels is None else labels[start:start + n]
+        x, nfe = generate_batch(run, method=method, num_steps=num_steps, num_samples=n,
+                                key=jax.random.fold_in(key, i), cond=cond, model_fn=model_fn)
+        chunks.append(x)
+    x = np.concatenate(chunks)
+    if run.spec.num_bits is not None:
+        x = from_data_range(x, run.spec.num_bits)
+    return x, nfe
+
+
+def generate_samples(workdir: str, num_samples: int, *, method=None, num_steps=None, guidance_scale=0.0,
+                     labels=None, batch_size=500, seed=0, classifier_workdir=None, classifier_scale=0.0):
+    """(samples in the data's range and shape, labels or None) from the latest checkpoint's EMA weights."""
+    from diffjax.samplers import METHODS
 
     if num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1; got {num_samples}")
@@ -86,27 +151,25 @@ def generate_samples(workdir: str, num_samples: int, *, method=None, num_steps=N
         raise ValueError(f"--num_steps must be >= 1; got {num_steps}")
     if method not in METHODS:
         raise ValueError(f"--method must be one of {sorted(METHODS)}; got {method!r}")
+    if config.get("task", "diffusion") != "diffusion":
+        raise ValueError(f"--workdir {workdir} holds a {config.task} run; sampling needs a diffusion run")
     num_classes = config.model.get("num_classes")
-    y = parse_labels(labels, num_classes, num_samples)
     if guidance_scale != 0 and num_classes is None:
         raise ValueError("--guidance_scale needs a class-conditional run (config.model.num_classes)")
-    run = setup(config, workdir)
-    if run.checkpointer.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-    model_fn = ema_model_fn(run)
-    if guidance_scale != 0:
-        model_fn = guidance.classifier_free_guidance(model_fn, float(guidance_scale), null_cond=num_classes)
-    key = jax.random.PRNGKey(seed)
-    chunks = []
-    for i, start in enumerate(range(0, num_samples, batch_size)):
-        n = min(batch_size, num_samples - start)
-        cond = None if y is None else y[start:start + n]
-        x, _ = generate_batch(run, method=method, num_steps=num_steps, num_samples=n,
-                              key=jax.random.fold_in(key, i), cond=cond, model_fn=model_fn)
-        chunks.append(x)
-    x = np.concatenate(chunks)
-    if run.spec.num_bits is not None:
-        x = from_data_range(x, run.spec.num_bits)
+    if classifier_scale != 0 and classifier_workdir is None:
+        raise ValueError("--classifier_scale needs --classifier_workdir (a run with config.task=classifier)")
+    classifier = None
+    if classifier_workdir is not None:
+        _same_schedule(config, load_config(classifier_workdir))
+        classifier = _load_run(classifier_workdir, "classifier")
+        if num_classes is not None and classifier.spec.num_classes != num_classes:
+            raise ValueError(f"the classifier has {classifier.spec.num_classes} classes, the model {num_classes}")
+    y = parse_labels(labels, num_classes or (classifier.spec.num_classes if classifier else None), num_samples)
+    run = _load_run(workdir, "diffusion")
+    model_fn = guided_model_fn(run, guidance_scale=guidance_scale, classifier=classifier,
+                               classifier_scale=classifier_scale)
+    x, _ = draw(run, model_fn, num_samples, labels=y, method=method, num_steps=num_steps, batch_size=batch_size,
+                seed=seed)
     return x, y
 
 
@@ -118,7 +181,8 @@ def main(argv):
     try:
         x, y = generate_samples(FLAGS.workdir, FLAGS.num_samples, method=FLAGS.method, num_steps=FLAGS.num_steps,
                                 guidance_scale=FLAGS.guidance_scale, labels=FLAGS.labels,
-                                batch_size=FLAGS.batch_size, seed=FLAGS.seed)
+                                batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+                                classifier_workdir=FLAGS.classifier_workdir, classifier_scale=FLAGS.classifier_scale)
     except (ValueError, FileNotFoundError) as e:
         print(f"diffjax.generate: {e}", file=sys.stderr)
         sys.exit(2)

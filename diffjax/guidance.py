@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from diffjax.parameterization import Denoised, _coeffs, call_model, check_prediction, from_x0_eps, to_x0_eps
 from diffjax.schedules import Schedule
 
-__all__ = ["classifier_free_guidance", "classifier_guidance", "dynamic_thresholding", "clip_x0", "check_labels"]
+__all__ = ["classifier_free_guidance", "classifier_guidance", "classifier_log_prob", "dynamic_thresholding", "clip_x0",
+           "check_labels"]
 
 
 def _is_zero(scale) -> bool:
@@ -111,6 +112,29 @@ def classifier_guidance(model_fn: Callable, schedule: Schedule, classifier_log_p
         return jax.tree_util.Partial(_unconditional, model_fn) if unconditional else model_fn
     return jax.tree_util.Partial(_classifier_guided, model_fn, schedule, classifier_log_prob, scale, prediction,
                                  unconditional)
+
+
+def _label_log_prob(logits_fn, x, t, y):
+    logits = call_model(logits_fn, x, t, None, check_shape=False)
+    if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"the classifier must return logits of shape (batch, num_classes) = ({x.shape[0]}, K); "
+                         f"got shape {logits.shape}")
+    y = check_labels(y, logits.shape[1], "cond")
+    y = jnp.asarray(y)
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"cond (the labels y) must have shape ({x.shape[0]},); got {y.shape}")
+    log_p = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
+    return jnp.take_along_axis(log_p, y[:, None].astype(jnp.int32), axis=1)[:, 0].astype(x.dtype)
+
+
+def classifier_log_prob(logits_fn: Callable):
+    """``classifier_log_prob(x, t, y)`` = log softmax(logits_fn(x, t))[y] for ``classifier_guidance``.
+
+    ``logits_fn(x, t)`` (or ``(x, t, cond)``, called with None) is a noise-conditional classifier
+    returning (batch, num_classes) logits, e.g. ``jax.tree_util.Partial(apply, params)`` of a run
+    trained with ``config.task = "classifier"``; labels outside [0, num_classes) are rejected.
+    """
+    return jax.tree_util.Partial(_label_log_prob, logits_fn)
 
 
 def _replaced_x0(model_fn, schedule, prediction, transform, x, t, cond=None):

@@ -38,7 +38,7 @@ from diffjax.likelihood import VLB_VARIANCES, ddpm_log_variance, ddpm_prior_kl, 
 from diffjax.parameterization import Denoised, check_prediction, from_x0_eps, to_x0_eps
 from diffjax.schedules import DiscreteDDPM, Schedule, broadcast_time
 
-__all__ = ["OBJECTIVES", "make_loss", "sample_times", "drop_condition", "split_variance", "prediction_only"]
+__all__ = ["OBJECTIVES", "make_loss", "make_classifier_loss", "sample_times", "drop_condition", "split_variance", "prediction_only"]
 
 OBJECTIVES = ("eps", "x0", "v", "dsm", "vlb", "hybrid")
 _LN2 = math.log(2.0)
@@ -83,6 +83,28 @@ def prediction_only(model_fn: Callable) -> Callable:
         return split_variance(model_fn(*args, **kwargs))[0]
 
     return fn
+
+
+def _time_range(schedule: Schedule, t_eps: Optional[float]) -> tuple[float, float]:
+    t_lo = float(schedule.t_min if t_eps is None else t_eps)
+    t_hi = float(schedule.t_max)
+    if not 0.0 <= t_lo < t_hi:
+        raise ValueError(f"t_eps must lie in [0, t_max={t_hi}); got {t_lo}")
+    return t_lo, t_hi
+
+
+def _unpack(batch, need_label: bool = False):
+    """(x, label) of a batch dict, shapes checked; label is None when absent (and not needed)."""
+    if not isinstance(batch, dict) or "x" not in batch:
+        raise ValueError(f"batch must be a dict with key 'x'; got {type(batch).__name__}")
+    x0, label = batch["x"], batch.get("label")
+    if x0.ndim < 2:
+        raise ValueError(f"batch['x'] must have shape (batch, ...data dims); got {x0.shape}")
+    if label is None and need_label:
+        raise ValueError("batch has no 'label': a classifier trains on labelled data")
+    if label is not None and label.shape != x0.shape[:1]:
+        raise ValueError(f"batch['label'] must have shape ({x0.shape[0]},); got {label.shape}")
+    return x0, label
 
 
 def make_loss(
@@ -135,20 +157,10 @@ def make_loss(
         raise ValueError(f"decoder must be 'discretized' or 'gaussian'; got {decoder!r}")
     if vlb_weight < 0:
         raise ValueError(f"vlb_weight must be >= 0; got {vlb_weight}")
-    t_lo = float(schedule.t_min if t_eps is None else t_eps)
-    t_hi = float(schedule.t_max)
-    if not 0.0 <= t_lo < t_hi:
-        raise ValueError(f"t_eps must lie in [0, t_max={t_hi}); got {t_lo}")
+    t_lo, t_hi = _time_range(schedule, t_eps)
 
     def loss_fn(params, batch, key):
-        if not isinstance(batch, dict) or "x" not in batch:
-            raise ValueError(f"batch must be a dict with key 'x'; got {type(batch).__name__}")
-        x0 = batch["x"]
-        label = batch.get("label")
-        if x0.ndim < 2:
-            raise ValueError(f"batch['x'] must have shape (batch, ...data dims); got {x0.shape}")
-        if label is not None and label.shape != x0.shape[:1]:
-            raise ValueError(f"batch['label'] must have shape ({x0.shape[0]},); got {label.shape}")
+        x0, label = _unpack(batch)
         k_t, k_eps, k_drop = jax.random.split(key, 3)
         n = x0.shape[0]
         t = sample_times(k_t, n, t_lo, t_hi, antithetic, discrete)
@@ -203,5 +215,34 @@ def make_loss(
         simple = jnp.sum(((d.eps - eps) ** 2).reshape(x0.shape[0], -1), -1)
         bpd = bound / (dims * _LN2)
         return (simple / dims + vlb_weight * bpd) if reduce == "mean" else (simple + vlb_weight * bpd * dims)
+
+    return loss_fn
+
+
+def make_classifier_loss(classifier_fn: Callable, schedule: Schedule, *, num_classes: int,
+                         t_eps: Optional[float] = None, antithetic: bool = False):
+    """``loss_fn(params, batch, key) -> (loss, aux)`` of a noise-conditional classifier p_phi(y | x_t, t).
+
+    Cross-entropy -log p_phi(y | x_t, t) with t ~ U[t_eps, t_max] (uniform steps for a discrete
+    chain) and x_t ~ q(x_t | x_0): the classifier sees the noise levels guidance will ask it about
+    (Dhariwal & Nichol 2021 sec. 4). ``classifier_fn(params, x, t, cond)`` returns logits of
+    shape (batch, num_classes). aux: per-example losses, times, and correctness of the argmax.
+    """
+    t_lo, t_hi = _time_range(schedule, t_eps)
+    discrete = schedule.num_timesteps if isinstance(schedule, DiscreteDDPM) else None
+
+    def loss_fn(params, batch, key):
+        x0, label = _unpack(batch, need_label=True)
+        k_t, k_eps = jax.random.split(key)
+        t = sample_times(k_t, x0.shape[0], t_lo, t_hi, antithetic, discrete)
+        x_t = schedule.marginal(x0, t, jax.random.normal(k_eps, x0.shape, x0.dtype))
+        logits = classifier_fn(params, x_t, t.astype(x0.dtype), None)
+        if logits.shape != (x0.shape[0], num_classes):
+            raise ValueError(f"classifier output shape {logits.shape} does not match (batch, num_classes) = "
+                             f"{(x0.shape[0], num_classes)}")
+        log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
+        per_example = -jnp.take_along_axis(log_p, label[:, None].astype(jnp.int32), axis=1)[:, 0]
+        correct = jnp.argmax(logits, -1) == label
+        return jnp.mean(per_example), {"loss_per_example": per_example, "t": t, "correct": correct}
 
     return loss_fn

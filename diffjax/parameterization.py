@@ -121,10 +121,11 @@ def _accepts_cond(model_fn) -> bool:
     return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
-def call_model(model_fn: Callable, x, t, cond=None):
+def call_model(model_fn: Callable, x, t, cond=None, *, check_shape: bool = True):
     """Call ``model_fn(x, t)`` or ``model_fn(x, t, cond)`` with ``t`` of shape (batch,).
 
-    Checks that the output has the shape of ``x``.
+    Checks that the output has the shape of ``x`` (``check_shape=False``: left to the caller, e.g.
+    classifier logits).
     """
     t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
     if _accepts_cond(model_fn):
@@ -133,7 +134,7 @@ def call_model(model_fn: Callable, x, t, cond=None):
         raise ValueError("cond was given but model_fn takes only (x, t)")
     else:
         out = model_fn(x, t)
-    if out.shape != x.shape:
+    if check_shape and out.shape != x.shape:
         raise ValueError(
             f"model_fn output shape {out.shape} does not match x shape {x.shape}"
         )

@@ -8,6 +8,7 @@ import diffjax
 from diffjax.losses import make_loss
 from diffjax.models import (
     MLP,
+    EncoderClassifier,
     MODELS,
     UNet,
     count_params,
@@ -309,9 +310,9 @@ def test_mlp_bad_fields_and_inputs():
 
 
 def test_registry_and_helpers():
-    assert MODELS == {"unet": UNet, "mlp": MLP}
+    assert MODELS == {"unet": UNet, "mlp": MLP, "classifier": EncoderClassifier}
     assert isinstance(create_model("mlp", width=8, depth=1), MLP)
-    with pytest.raises(ValueError, match=r"'dit'.*\['mlp', 'unet'\]"):
+    with pytest.raises(ValueError, match=r"'dit'.*\['classifier', 'mlp', 'unet'\]"):
         create_model("dit")
 
 def test_init_and_model_fn_errors(mlp):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models.embeddings import ClassEmbedding, TimeEmbedding, fourier_embedding, sinusoidal_embedding
+from diffjax.models.classifier import EncoderClassifier
 from diffjax.models.mlp import MLP
 from diffjax.models.unet import UNet
 
@@ -23,6 +24,7 @@ __all__ = [
     "MODELS",
     "UNet",
     "MLP",
+    "EncoderClassifier",
     "TimeEmbedding",
     "ClassEmbedding",
     "sinusoidal_embedding",
@@ -33,7 +35,7 @@ __all__ = [
     "count_params",
 ]
 
-MODELS = {"unet": UNet, "mlp": MLP}
+MODELS = {"unet": UNet, "mlp": MLP, "classifier": EncoderClassifier}
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

@@ -253,12 +253,11 @@ class UNet(nn.Module):
         return self.num_heads if self.head_channels is None else channels // self.head_channels
 
     # ---- forward ----------------------------------------------------------------------------
-    @nn.compact
-    def __call__(self, x, t, cond=None, *, train: bool = False):
-        x = jnp.asarray(x)
+    def _check_input(self, x) -> tuple:
+        """Validate x (NHWC) against the layout; return the level resolutions."""
         if x.ndim != 4:
-            raise ValueError(f"UNet input x must have rank 4 (B, H, W, C) (NHWC); got shape {x.shape}")
-        b, hgt, wid, c_in = x.shape
+            raise ValueError(f"{type(self).__name__} input x must have rank 4 (B, H, W, C) (NHWC); got shape {x.shape}")
+        _, hgt, wid, _ = x.shape
         res = self.resolutions(hgt)
         if wid % (2 ** (len(res) - 1)):
             raise ValueError(f"input width {wid} is not divisible by 2^{len(res) - 1}, the total "
@@ -277,47 +276,60 @@ class UNet(nn.Module):
             if c % value:
                 raise ValueError(f"{field}={value} must divide the {c} channels of the attention "
                                  f"at resolution {res[i]} (ch={self.ch}, ch_mult={tuple(self.ch_mult)})")
-        out_ch = c_in if self.out_channels is None else self.out_channels
+        return res
+
+    def _resblock(self, h, emb, c, name, train, up=False, down=False):
+        return ResBlock(c, self.num_groups, self.dropout, self.scale_shift, self.skip_rescale,
+                        up=up, down=down, name=name)(h, emb, train)
+
+    def _attn(self, h, name):
+        return AttnBlock(self._heads(h.shape[-1]), self.num_groups, self.skip_rescale, name=name)(h)
+
+    def _encode(self, x, t, cond, train):
+        """The conditioning vector, input conv, down path and middle block: (h, skips, emb, resolutions).
+
+        Shared by the U-Net and the noise-conditional ``EncoderClassifier`` (ADM's encoder half).
+        """
+        res = self._check_input(x)
         chans = [self.ch * m for m in self.ch_mult]
-        emb = conditioning(self, t, cond, b, dim=4 * self.ch, features=self.ch)  # DDPM: ch features -> 4 ch
-
-        def resblock(h, c, name, up=False, down=False):
-            return ResBlock(c, self.num_groups, self.dropout, self.scale_shift, self.skip_rescale,
-                            up=up, down=down, name=name)(h, emb, train)
-
-        def attn(h, name):
-            return AttnBlock(self._heads(h.shape[-1]), self.num_groups, self.skip_rescale, name=name)(h)
-
+        emb = conditioning(self, t, cond, x.shape[0], dim=4 * self.ch, features=self.ch)  # DDPM: ch -> 4 ch
         h = _conv(chans[0], name="conv_in")(x)
         skips = [h]
         for lvl, c in enumerate(chans):
             r = res[lvl]
             for i in range(self.num_res_blocks):
-                h = resblock(h, c, f"down_r{r}_res{i}")
+                h = self._resblock(h, emb, c, f"down_r{r}_res{i}", train)
                 if r in self.attn_resolutions:
-                    h = attn(h, f"down_r{r}_attn{i}")
+                    h = self._attn(h, f"down_r{r}_attn{i}")
                 skips.append(h)
             if lvl != len(chans) - 1:
                 if self.resblock_updown:
-                    h = resblock(h, c, f"down_r{r}_downsample", down=True)
+                    h = self._resblock(h, emb, c, f"down_r{r}_downsample", train, down=True)
                 else:
                     h = Downsample(name=f"down_r{r}_downsample")(h)
                 skips.append(h)
 
-        h = resblock(h, chans[-1], "mid_res0")
+        h = self._resblock(h, emb, chans[-1], "mid_res0", train)
         if self.mid_attn:
-            h = attn(h, "mid_attn")
-        h = resblock(h, chans[-1], "mid_res1")
+            h = self._attn(h, "mid_attn")
+        h = self._resblock(h, emb, chans[-1], "mid_res1", train)
+        return h, skips, emb, res
 
+    @nn.compact
+    def __call__(self, x, t, cond=None, *, train: bool = False):
+        x = jnp.asarray(x)
+        h, skips, emb, res = self._encode(x, t, cond, train)
+        out_ch = x.shape[-1] if self.out_channels is None else self.out_channels
+        chans = [self.ch * m for m in self.ch_mult]
         for lvl in reversed(range(len(chans))):
             r, c = res[lvl], chans[lvl]
             for i in range(self.num_res_blocks + 1):
-                h = resblock(jnp.concatenate([h, skips.pop()], axis=-1), c, f"up_r{r}_res{i}")
+                h = self._resblock(jnp.concatenate([h, skips.pop()], axis=-1), emb, c, f"up_r{r}_res{i}", train)
                 if r in self.attn_resolutions:
-                    h = attn(h, f"up_r{r}_attn{i}")
+                    h = self._attn(h, f"up_r{r}_attn{i}")
             if lvl != 0:
                 if self.resblock_updown:
-                    h = resblock(h, c, f"up_r{r}_upsample", up=True)
+                    h = self._resblock(h, emb, c, f"up_r{r}_upsample", train, up=True)
                 else:
                     h = Upsample(name=f"up_r{r}_upsample")(h)
         assert not skips

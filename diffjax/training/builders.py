@@ -6,18 +6,20 @@ Every check names the config field it rejects (``config.model.name``, ``config.o
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from diffjax import data as data_lib
 from diffjax import models as models_lib
-from diffjax.losses import OBJECTIVES, make_loss
+from diffjax.losses import OBJECTIVES, make_classifier_loss, make_loss
 from diffjax.parameterization import PREDICTION_TYPES
 from diffjax.samplers import METHODS
 from diffjax.schedules import VE, DiscreteDDPM, RectifiedFlow, SubVP, VPCosine, VPLinear
 from diffjax.training.state import make_optimizer
 from diffjax.sharding import mesh_shape
 
-__all__ = ["SCHEDULES", "ConfigError", "validate_config", "build_schedule", "build_model", "build_loss",
+__all__ = ["SCHEDULES", "TASKS", "ConfigError", "validate_config", "build_schedule", "build_model", "build_loss",
            "build_optimizer"]
 
 SCHEDULES = {
@@ -29,6 +31,9 @@ SCHEDULES = {
     "ddpm_linear": lambda c: DiscreteDDPM.linear(c.num_timesteps),
     "ddpm_cosine": lambda c: DiscreteDDPM.cosine(c.num_timesteps),
 }
+
+TASKS = ("diffusion", "classifier")
+CLASSIFIER_MODELS = ("classifier", "mlp")  # "mlp" with out_dim = classes is the classifier for (B, D) data
 
 
 class ConfigError(ValueError):
@@ -59,6 +64,13 @@ def validate_config(config, num_devices: int | None = None) -> None:
         _fail("data.dataset", str(e))
     if config.model.name not in models_lib.MODELS:
         _fail("model.name", f"unknown model {config.model.name!r}; known models: {sorted(models_lib.MODELS)}")
+    task = config.get("task", "diffusion")
+    if task not in TASKS:
+        _fail("task", f"must be one of {TASKS}; got {task!r}")
+    if task == "classifier":
+        _validate_classifier(config)
+    elif config.model.name == "classifier":
+        _fail("model.name", "'classifier' is the network of task 'classifier'; set config.task = 'classifier'")
     d = config.diffusion
     if d.schedule not in SCHEDULES:
         _fail("diffusion.schedule", f"unknown schedule {d.schedule!r}; known: {sorted(SCHEDULES)}")
@@ -92,6 +104,9 @@ def validate_config(config, num_devices: int | None = None) -> None:
             _fail(field, f"{every} must be a multiple of training.steps_per_call={k}")
     if num_steps % k:
         _fail("training.num_steps", f"{num_steps} must be a multiple of training.steps_per_call={k}")
+    budget = t.get("max_train_seconds")
+    if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+        _fail("training.max_train_seconds", f"must be > 0 seconds or None; got {budget!r}")
     _positive_int(config, "training.max_to_keep")
     _positive_int(config, "training.fsdp_min_size")
     if config.sample.method not in METHODS:
@@ -104,6 +119,22 @@ def validate_config(config, num_devices: int | None = None) -> None:
         _fail("eval.trace", f"must be 'exact' or 'hutchinson'; got {config.eval.trace!r}")
 
 
+def _validate_classifier(config) -> None:
+    spec = data_lib.get_spec(config.data.dataset)
+    if not spec.num_classes:
+        _fail("data.dataset", f"task 'classifier' needs labelled data; {config.data.dataset!r} has no classes")
+    if config.model.name not in CLASSIFIER_MODELS:
+        _fail("model.name", f"task 'classifier' trains one of {CLASSIFIER_MODELS}; got {config.model.name!r}")
+    if config.model.get("num_classes") is not None:
+        _fail("model.num_classes", "must be None for task 'classifier' (the class is the output, not an input)")
+    out = config.model.get("out_dim" if config.model.name == "mlp" else "out_channels")
+    if out is not None and out != spec.num_classes:
+        _fail("model.out_dim" if config.model.name == "mlp" else "model.out_channels",
+              f"{out} != the {spec.num_classes} classes of {config.data.dataset!r} (leave it None)")
+    if config.diffusion.get("learned_variance", False):
+        _fail("diffusion.learned_variance", "applies to denoisers, not to task 'classifier'")
+
+
 def build_schedule(diffusion_config):
     """The schedule named by ``config.diffusion.schedule`` with its parameters."""
     return SCHEDULES[diffusion_config.schedule](diffusion_config)
@@ -113,9 +144,11 @@ def build_model(config):
     """The Flax module named by ``config.model.name`` (fields from ``config.model`` minus ``name``)."""
     fields = {k: v for k, v in config.model.to_dict().items() if k != "name"}
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    if config.diffusion.get("learned_variance", False):
-        out = 2 * data_lib.get_spec(config.data.dataset).shape[-1]  # prediction and variance channels
-        fields["out_dim" if config.model.name == "mlp" else "out_channels"] = out
+    out_field = "out_dim" if config.model.name == "mlp" else "out_channels"
+    if config.get("task", "diffusion") == "classifier":
+        fields[out_field] = data_lib.get_spec(config.data.dataset).num_classes  # the logits
+    elif config.diffusion.get("learned_variance", False):
+        fields[out_field] = 2 * data_lib.get_spec(config.data.dataset).shape[-1]  # prediction and variance channels
     try:
         return models_lib.create_model(config.model.name, **fields)
     except (TypeError, ValueError) as e:
@@ -130,15 +163,26 @@ def build_optimizer(config):
 
 
 def build_loss(config, schedule, module):
-    """``loss_fn(params, batch, key)`` for the module in training mode (dropout keyed from ``key``)."""
+    """``loss_fn(params, batch, key)`` for the module in training mode (dropout keyed from ``key``).
+
+    Task "diffusion": ``make_loss`` with the config's objective; task "classifier":
+    ``make_classifier_loss`` (cross-entropy on x_t ~ q(x_t | x_0)).
+    """
     d = config.diffusion
     apply = models_lib.make_model_fn(module, train=True)
-    num_classes = config.model.get("num_classes")
-    kwargs = dict(prediction=d.prediction, objective=d.objective, weighting=d.weighting,
-                  antithetic=d.antithetic, learned_variance=d.get("learned_variance", False))
-    if num_classes is not None and d.cond_drop_prob > 0:
-        kwargs.update(cond_drop_prob=d.cond_drop_prob, null_label=num_classes)
-    strip = not num_classes  # an unconditional model never sees labels
+    if config.get("task", "diffusion") == "classifier":
+        classes = data_lib.get_spec(config.data.dataset).num_classes
+        make = functools.partial(make_classifier_loss, schedule=schedule, num_classes=classes,
+                                 antithetic=d.antithetic)
+        strip = False
+    else:
+        num_classes = config.model.get("num_classes")
+        kwargs = dict(prediction=d.prediction, objective=d.objective, weighting=d.weighting,
+                      antithetic=d.antithetic, learned_variance=d.get("learned_variance", False))
+        if num_classes is not None and d.cond_drop_prob > 0:
+            kwargs.update(cond_drop_prob=d.cond_drop_prob, null_label=num_classes)
+        make = functools.partial(make_loss, schedule=schedule, **kwargs)
+        strip = not num_classes  # an unconditional model never sees labels
 
     def loss_fn(params, batch, key):
         k_loss, k_drop = jax.random.split(key)
@@ -148,6 +192,6 @@ def build_loss(config, schedule, module):
         def model_fn(p, x, t, cond):
             return apply(p, x, t, cond, rng=k_drop)
 
-        return make_loss(model_fn, schedule, **kwargs)(params, batch, k_loss)
+        return make(model_fn)(params, batch, k_loss)
 
     return loss_fn

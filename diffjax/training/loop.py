@@ -33,7 +33,7 @@ from diffjax.training.checkpoint import Checkpointer, NonFiniteError
 from diffjax.training.state import TrainState
 from diffjax.training.step import global_batch, make_mesh, make_train_step, shard_state, state_shardings
 
-__all__ = ["Run", "setup", "train", "evaluate", "train_and_evaluate"]
+__all__ = ["Run", "setup", "train", "evaluate", "evaluate_classifier", "train_and_evaluate"]
 
 
 @dataclass
@@ -109,6 +109,31 @@ class _StopRequested:
             signal.signal(signal.SIGTERM, self._old)
 
 
+class _TimeBudget:
+    """``training.max_train_seconds``: stop once this much wall time (compilation included) has passed
+    since ``train`` began, for equal-compute comparisons. One process decides at every step; several
+    decide at ``log_every`` boundaries on process 0's clock (broadcast), so all stop at the same step."""
+
+    def __init__(self, seconds: Optional[float], every: int):
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"config.training.max_train_seconds must be > 0 or None; got {seconds!r}")
+        self.seconds, self.every, self.stopped = seconds, every, False
+        self.start = time.perf_counter()
+
+    def spent(self, step: int) -> bool:
+        if self.seconds is None:
+            return False
+        over = time.perf_counter() - self.start >= self.seconds
+        if jax.process_count() > 1:
+            if step % self.every:
+                return False
+            from jax.experimental import multihost_utils
+
+            over = bool(multihost_utils.broadcast_one_to_all(np.asarray(over)))
+        self.stopped = over
+        return over
+
+
 def _check_finite(metrics: dict, first_step: int):
     """Raise NonFiniteError naming the first step whose loss or gradient norm is NaN/inf."""
     bad = ~(np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"]))
@@ -143,9 +168,10 @@ def train(config, workdir: str, *, run: Optional[Run] = None, progress: bool = T
     bar = _progress(start, end, disable=not (progress and is_main))
     state, pending, last_loss = run.state, [], float("nan")
     step, timed_steps, timed_secs, t_last, s_last = start, 0, 0.0, None, start
+    budget = _TimeBudget(t_cfg.get("max_train_seconds"), t_cfg.log_every)
     try:
         with _StopRequested() as stop:
-            while step < end and not stop.check(step):
+            while step < end and not stop.check(step) and not budget.spent(step):
                 chunk = [next(batches) for _ in range(k)]
                 host = chunk[0] if k == 1 else jax.tree.map(lambda *xs: np.stack(xs), *chunk)
                 state, metrics = step_fn(state, global_batch(host, run.mesh, stacked=k > 1))
@@ -179,8 +205,11 @@ def train(config, workdir: str, *, run: Optional[Run] = None, progress: bool = T
     steps_per_sec = timed_steps / timed_secs if timed_secs > 0 else float("nan")
     if stop.requested:
         logging.warning("SIGTERM: checkpointed step %d and stopped", step)
+    if budget.stopped:
+        logging.warning("training.max_train_seconds=%s reached: stopped at step %d", budget.seconds, step)
     return run, {"final_loss": last_loss, "steps_per_sec": steps_per_sec, "steps": step - start,
-                 "step": step, "start_step": start, "preempted": stop.requested}
+                 "step": step, "start_step": start, "preempted": stop.requested, "budget_stopped": budget.stopped,
+                 "loop_seconds": time.perf_counter() - budget.start}
 
 
 _STEP_CACHE: dict = {}
@@ -191,6 +220,7 @@ def _train_step_for(run: Run):
     c = run.config
     # build_loss is part of the key so a replaced loss builder (tests patch one in) never reuses a step
     key = (json.dumps({k: c[k].to_dict() for k in ("model", "diffusion", "optim")}, sort_keys=True, default=str),
+           c.get("task", "diffusion"),
            c.data.dataset, c.training.steps_per_call, c.training.fsdp_min_size, run.mesh, build_loss)
     if key not in _STEP_CACHE:
         loss_fn = build_loss(c, run.schedule, run.module)
@@ -297,9 +327,64 @@ def generate(run: Run, *, method: str, num_steps: int, num_samples: int, key, co
     return to_host(x)[:n], int(nfe)
 
 
+def _eval_x(run: Run, batch) -> np.ndarray:
+    """Evaluation inputs in the model's range: n-bit pixels at the centre of their dequantization
+    interval (the mean of the training inputs' uniform noise), toy data as it is."""
+    x = np.asarray(batch["x"], np.float32)
+    return x if run.spec.num_bits is None else np.asarray(data_lib.to_data_range(x, run.spec.num_bits, 0.5))
+
+
+def evaluate_classifier(run: Run) -> dict:
+    """Test accuracy and cross-entropy of a noise-conditional classifier (EMA weights) on x_t ~ q(x_t | x_0).
+
+    At each time of ``config.eval.classifier_times`` (0 means ``schedule.t_min``) and at t ~ U[t_min,
+    t_max] (the training distribution), with noise from a fixed key: ``test_accuracy_t{t}``,
+    ``test_accuracy``, ``test_xent``.
+    """
+    config, schedule = run.config, run.schedule
+    if config.eval.num_examples == 0:
+        return {}
+    t_lo, t_hi = float(schedule.t_min), float(schedule.t_max)
+    times = [max(float(t), t_lo) for t in config.eval.classifier_times]
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 10**6)
+    logits_of = jax.jit(lambda params, x0, t, eps: run.apply_eval(params, schedule.marginal(x0, t, eps), t))
+    hits, xent, count = np.zeros(len(times) + 1), 0.0, 0
+    batches = data_lib.eval_batches(config.data.dataset, split=config.eval.split, batch_size=config.eval.batch_size,
+                                    num_examples=config.eval.num_examples, data_dir=config.data.data_dir)
+    for i, batch in enumerate(batches):
+        x0, y = _eval_x(run, batch), np.asarray(batch["label"])
+        b = len(y)
+        k_t, k_eps = jax.random.split(jax.random.fold_in(key, i))
+        t_uniform = np.asarray(jax.random.uniform(k_t, (b,), minval=t_lo, maxval=t_hi))
+        eps = to_host(jax.random.normal(k_eps, x0.shape))
+        for j, t in enumerate([*times, None]):
+            tt = t_uniform if t is None else np.full((b,), t, np.float32)
+            xs, _ = shard_batch(x0, run.mesh)
+            ts, _ = shard_batch(tt.astype(np.float32), run.mesh)
+            es, _ = shard_batch(eps, run.mesh)
+            logits = to_host(logits_of(run.state.ema_params, xs, ts, es))[:b]
+            hits[j] += np.sum(np.argmax(logits, -1) == y)
+            if t is None:
+                log_p = np.asarray(jax.nn.log_softmax(logits))
+                xent -= float(np.sum(log_p[np.arange(b), y]))
+        count += b
+    out = {f"test_accuracy_t{t:g}": hits[j] / count for j, t in enumerate(times)}
+    out.update(test_accuracy=hits[-1] / count, test_xent=xent / count, eval_examples=count)
+    return out
+
+
 def evaluate(run: Run, workdir: str) -> dict:
-    """Sample a grid with the EMA weights and compute the test NLL; write PNGs, TensorBoard and a dict."""
+    """Sample a grid with the EMA weights and compute the test NLL; write PNGs, TensorBoard and a dict.
+
+    A classifier run (``config.task == "classifier"``) reports ``evaluate_classifier`` instead.
+    """
     config = run.config
+    if config.get("task", "diffusion") == "classifier":
+        if jax.process_index() == 0:
+            from diffjax.training import plots
+
+            plots.loss_curve(os.path.join(workdir, "loss_history.csv"), os.path.join(workdir, "loss_curve.png"))
+        return evaluate_classifier(run)
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 10**6)
     k_sample, k_nll = jax.random.split(key)
     n = config.sample.num_samples

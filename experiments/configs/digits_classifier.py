@@ -1,0 +1,23 @@
+"""Noise-conditional digits classifier p(y | x_t, t) for classifier guidance of the default digits model.
+
+    python -m diffjax.main --config experiments/configs/digits_classifier.py --workdir runs/digits_classifier
+
+Same schedule as ``digits.py`` (guidance asks it about that schedule's x_t); ADM's encoder half
+(``EncoderClassifier``) at the digits U-Net's width; reports test accuracy across t.
+"""
+
+from diffjax.config import base
+
+
+def get_config():
+    c = base()
+    c.task = "classifier"
+    c.model.name = "classifier"
+    c.model.attn_resolutions = ()
+    c.model.num_res_blocks = 1
+    c.model.dropout = 0.1
+    c.model.scale_shift = True
+    c.optim.learning_rate = 1e-3
+    c.training.num_steps = 1000
+    c.training.checkpoint_every = 500
+    return c

@@ -1,0 +1,176 @@
+"""Guidance on digits: conditional accuracy and Fréchet distance vs the guidance weight; CSV, plot, grids.
+
+    python experiments/guidance_sweep.py --cond-workdir runs/digits_cond \\
+        [--uncond-workdir runs/digits --classifier-workdir runs/digits_classifier] [--write-benchmarks]
+
+For classifier-free guidance (the class-conditional run, weights w) and, if given, classifier
+guidance (ADM-G: the unconditional run guided by the noise-conditional classifier, scales s), draw
+``--per-class`` samples of each of the 10 classes with the run's sampler and score them with the
+independent evaluator (``diffjax.evaluators.digits_evaluator``: trained on the train split only,
+clean images, never seen by the guided models):
+
+* ``accuracy``: fraction of samples the evaluator assigns to the class they were asked for;
+* ``fd``: Fréchet distance of the samples' evaluator features to the train split's (all classes),
+  ``fd_class``: the mean over classes of the per-class distance (samples of class k vs train
+  images of class k). Floors (finite samples, no model error): the same distances between the
+  test split and the train split, printed with the table.
+
+Writes ``experiments/results/guidance_sweep.csv``, ``docs/guidance_tradeoff.png`` and a 10 x 10
+grid per setting listed in ``--grids`` (``docs/guidance_grid_<kind><scale>.png``, row = class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+RESULTS = os.path.join(ROOT, "experiments", "results")
+DOCS = os.path.join(ROOT, "docs")
+
+
+def class_stats(evaluator, images, labels, num_classes=10):
+    """Evaluator features: (all features, {class: features})."""
+    feats = evaluator.features(images)
+    return feats, {k: feats[labels == k] for k in range(num_classes)}
+
+
+def fd_scores(metrics, feats, per_class, ref_feats, ref_per_class):
+    fd = metrics.frechet_distance_from_features(feats, ref_feats)
+    fd_class = float(np.mean([metrics.frechet_distance_from_features(per_class[k], ref_per_class[k])
+                              for k in per_class]))
+    return fd, fd_class
+
+
+def real_split(name):
+    from diffjax import data as data_lib
+
+    batches = list(data_lib.eval_batches("digits", split=name, batch_size=10_000))
+    return np.concatenate([b["x"] for b in batches]), np.concatenate([b["label"] for b in batches])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cond-workdir", required=True, help="class-conditional run (experiments/configs/digits_cond.py)")
+    p.add_argument("--uncond-workdir", help="unconditional run for classifier guidance (default digits run)")
+    p.add_argument("--classifier-workdir", help="noise-conditional classifier run (digits_classifier.py)")
+    p.add_argument("--w", default="0,0.5,1,2,3,5", help="classifier-free guidance weights")
+    p.add_argument("--s", default="0,1,2,4,8", help="classifier guidance scales")
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--grids", default="cfg0,cfg1,cfg3,cg0,cg4", help="settings to save as 10x10 grids")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-benchmarks", action="store_true")
+    args = p.parse_args(argv)
+
+    from diffjax import evaluators, metrics
+    from diffjax.data import to_data_range
+    from diffjax.generate import _load_run, _same_schedule, draw, guided_model_fn, load_config
+    from diffjax.training import plots
+
+    evaluator = evaluators.digits_evaluator()
+    train_x, train_y = real_split("train")
+    test_x, test_y = real_split("test")
+    ref_feats, ref_per_class = class_stats(evaluator, train_x, train_y)
+    floor_feats, floor_per_class = class_stats(evaluator, test_x, test_y)
+    floor = fd_scores(metrics, floor_feats, floor_per_class, ref_feats, ref_per_class)
+    floor_acc = evaluator.accuracy(test_x, test_y)
+    labels = np.repeat(np.arange(10, dtype=np.int32), args.per_class)
+
+    settings = [("cfg", float(w)) for w in args.w.split(",")]
+    runs = {"cfg": _load_run(args.cond_workdir, "diffusion")}
+    if args.classifier_workdir:
+        if not args.uncond_workdir:
+            sys.exit("--classifier-workdir needs --uncond-workdir (the model it guides)")
+        _same_schedule(load_config(args.uncond_workdir), load_config(args.classifier_workdir))
+        runs["cg"] = _load_run(args.uncond_workdir, "diffusion")
+        classifier = _load_run(args.classifier_workdir, "classifier")
+        settings += [("cg", float(s)) for s in args.s.split(",")]
+
+    rows, grids = [], set(args.grids.split(","))
+    os.makedirs(DOCS, exist_ok=True)
+    for kind, scale in settings:
+        run = runs[kind]
+        if kind == "cfg":
+            model_fn = guided_model_fn(run, guidance_scale=scale)
+        else:
+            model_fn = guided_model_fn(run, classifier=classifier, classifier_scale=scale)
+        t0 = time.perf_counter()
+        x, nfe = draw(run, model_fn, len(labels), labels=labels, method=run.config.sample.method,
+                      num_steps=run.config.sample.num_steps, batch_size=500, seed=args.seed)
+        secs = time.perf_counter() - t0
+        feats, per_class = class_stats(evaluator, x, labels)
+        fd, fd_class = fd_scores(metrics, feats, per_class, ref_feats, ref_per_class)
+        row = dict(guidance=kind, scale=scale, accuracy=evaluator.accuracy(x, labels), fd=fd, fd_class=fd_class,
+                   num_samples=len(labels), method=run.config.sample.method, nfe_per_sample=nfe,
+                   sample_seconds=round(secs, 2))
+        rows.append(row)
+        print(row, flush=True)
+        tag = f"{kind}{scale:g}"
+        if tag in grids:
+            pick = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])
+            grid = plots.image_grid(to_data_range(x[pick].astype(np.float32), 8), ncols=10)
+            plots.save_png(grid, os.path.join(DOCS, f"guidance_grid_{tag}.png"),
+                           scale=4)
+
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "guidance_sweep.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, floor, floor_acc, os.path.join(DOCS, "guidance_tradeoff.png"))
+    table = render(rows, floor, floor_acc, args.per_class)
+    print(table)
+    if args.write_benchmarks:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from benchlib import write_section
+
+        write_section("guidance", table, "python " + " ".join(["experiments/guidance_sweep.py", *(argv or sys.argv[1:])]))
+
+
+def plot(rows, floor, floor_acc, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    names = {"cfg": "classifier-free (w)", "cg": "classifier guidance (s)"}
+    for kind in dict.fromkeys(r["guidance"] for r in rows):
+        rs = [r for r in rows if r["guidance"] == kind]
+        sc = [r["scale"] for r in rs]
+        axes[0].plot(sc, [r["accuracy"] for r in rs], "o-", label=names[kind])
+        axes[1].plot(sc, [r["fd"] for r in rs], "o-", label=names[kind])
+        axes[2].plot([r["fd_class"] for r in rs], [r["accuracy"] for r in rs], "o-", label=names[kind])
+        for r in rs:
+            axes[2].annotate(f"{r['scale']:g}", (r["fd_class"], r["accuracy"]), fontsize=7)
+    axes[0].axhline(floor_acc, ls=":", c="gray", label="real test images")
+    axes[1].axhline(floor[0], ls=":", c="gray", label="floor (test vs train)")
+    axes[2].axvline(floor[1], ls=":", c="gray")
+    axes[0].set(xlabel="guidance scale", ylabel="conditional accuracy")
+    axes[1].set(xlabel="guidance scale", ylabel="Fréchet distance (all classes)")
+    axes[2].set(xlabel="mean per-class Fréchet distance", ylabel="conditional accuracy", title="trade-off")
+    for a in axes:
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def render(rows, floor, floor_acc, per_class):
+    lines = [f"{per_class} samples per class (1000 in all) per setting, evaluator features (64-d) of the "
+             f"independent digits classifier. Floors from real data (test split vs train split): "
+             f"accuracy {floor_acc:.3f}, FD {floor[0]:.2f}, per-class FD {floor[1]:.2f}.", "",
+             "| guidance | scale | accuracy | FD (all) | FD (per class, mean) | sampler | NFE/sample | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['guidance']} | {r['scale']:g} | {r['accuracy']:.3f} | {r['fd']:.2f} | {r['fd_class']:.2f} "
+                     f"| {r['method']} | {r['nfe_per_sample']} | {r['sample_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
