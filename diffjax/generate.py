@@ -90,6 +90,13 @@ def _load_run(workdir: str, task: str):
     return run
 
 
+def _check_guidance(num_classes, guidance_scale, has_classifier: bool, classifier_scale) -> None:
+    if guidance_scale != 0 and num_classes is None:
+        raise ValueError("--guidance_scale needs a class-conditional run (config.model.num_classes)")
+    if classifier_scale != 0 and not has_classifier:
+        raise ValueError("--classifier_scale needs --classifier_workdir (a run with config.task=classifier)")
+
+
 def guided_model_fn(run, *, guidance_scale=0.0, classifier=None, classifier_scale=0.0):
     """The run's EMA ``model_fn`` with classifier-free guidance (weight w) and, given a classifier run,
     classifier guidance (scale s); the model sees labels only if it is class-conditional."""
@@ -97,10 +104,7 @@ def guided_model_fn(run, *, guidance_scale=0.0, classifier=None, classifier_scal
     from diffjax.training.loop import ema_model_fn
 
     num_classes = run.config.model.get("num_classes")
-    if guidance_scale != 0 and num_classes is None:
-        raise ValueError("--guidance_scale needs a class-conditional run (config.model.num_classes)")
-    if classifier_scale != 0 and classifier is None:
-        raise ValueError("--classifier_scale needs --classifier_workdir (a run with config.task=classifier)")
+    _check_guidance(num_classes, guidance_scale, classifier is not None, classifier_scale)
     model_fn = ema_model_fn(run)
     if guidance_scale != 0:
         model_fn = guidance.classifier_free_guidance(model_fn, float(guidance_scale), null_cond=num_classes)
@@ -154,10 +158,7 @@ def generate_samples(workdir: str, num_samples: int, *, method=None, num_steps=N
     if config.get("task", "diffusion") != "diffusion":
         raise ValueError(f"--workdir {workdir} holds a {config.task} run; sampling needs a diffusion run")
     num_classes = config.model.get("num_classes")
-    if guidance_scale != 0 and num_classes is None:
-        raise ValueError("--guidance_scale needs a class-conditional run (config.model.num_classes)")
-    if classifier_scale != 0 and classifier_workdir is None:
-        raise ValueError("--classifier_scale needs --classifier_workdir (a run with config.task=classifier)")
+    _check_guidance(num_classes, guidance_scale, classifier_workdir is not None, classifier_scale)
     classifier = None
     if classifier_workdir is not None:
         _same_schedule(config, load_config(classifier_workdir))

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from diffjax.losses import label_log_prob
 from diffjax.parameterization import Denoised, _coeffs, call_model, check_prediction, from_x0_eps, to_x0_eps
 from diffjax.schedules import Schedule
 
@@ -123,8 +124,7 @@ def _label_log_prob(logits_fn, x, t, y):
     y = jnp.asarray(y)
     if y.shape != (x.shape[0],):
         raise ValueError(f"cond (the labels y) must have shape ({x.shape[0]},); got {y.shape}")
-    log_p = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
-    return jnp.take_along_axis(log_p, y[:, None].astype(jnp.int32), axis=1)[:, 0].astype(x.dtype)
+    return label_log_prob(logits, y).astype(x.dtype)
 
 
 def classifier_log_prob(logits_fn: Callable):

@@ -38,7 +38,7 @@ from diffjax.likelihood import VLB_VARIANCES, ddpm_log_variance, ddpm_prior_kl, 
 from diffjax.parameterization import Denoised, check_prediction, from_x0_eps, to_x0_eps
 from diffjax.schedules import DiscreteDDPM, Schedule, broadcast_time
 
-__all__ = ["OBJECTIVES", "make_loss", "make_classifier_loss", "sample_times", "drop_condition", "split_variance", "prediction_only"]
+__all__ = ["OBJECTIVES", "make_loss", "make_classifier_loss", "label_log_prob", "sample_times", "drop_condition", "split_variance", "prediction_only"]
 
 OBJECTIVES = ("eps", "x0", "v", "dsm", "vlb", "hybrid")
 _LN2 = math.log(2.0)
@@ -219,6 +219,12 @@ def make_loss(
     return loss_fn
 
 
+def label_log_prob(logits, labels):
+    """log softmax(logits)[y] per example: log p(y | x) of a classifier's (batch, K) logits."""
+    log_p = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
+    return jnp.take_along_axis(log_p, jnp.asarray(labels)[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
 def make_classifier_loss(classifier_fn: Callable, schedule: Schedule, *, num_classes: int,
                          t_eps: Optional[float] = None, antithetic: bool = False):
     """``loss_fn(params, batch, key) -> (loss, aux)`` of a noise-conditional classifier p_phi(y | x_t, t).
@@ -240,8 +246,7 @@ def make_classifier_loss(classifier_fn: Callable, schedule: Schedule, *, num_cla
         if logits.shape != (x0.shape[0], num_classes):
             raise ValueError(f"classifier output shape {logits.shape} does not match (batch, num_classes) = "
                              f"{(x0.shape[0], num_classes)}")
-        log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
-        per_example = -jnp.take_along_axis(log_p, label[:, None].astype(jnp.int32), axis=1)[:, 0]
+        per_example = -label_log_prob(logits, label)
         correct = jnp.argmax(logits, -1) == label
         return jnp.mean(per_example), {"loss_per_example": per_example, "t": t, "correct": correct}
 

@@ -357,11 +357,11 @@ def evaluate_classifier(run: Run) -> dict:
         k_t, k_eps = jax.random.split(jax.random.fold_in(key, i))
         t_uniform = np.asarray(jax.random.uniform(k_t, (b,), minval=t_lo, maxval=t_hi))
         eps = to_host(jax.random.normal(k_eps, x0.shape))
+        xs, _ = shard_batch(x0, run.mesh)
+        es, _ = shard_batch(eps, run.mesh)
         for j, t in enumerate([*times, None]):
             tt = t_uniform if t is None else np.full((b,), t, np.float32)
-            xs, _ = shard_batch(x0, run.mesh)
             ts, _ = shard_batch(tt.astype(np.float32), run.mesh)
-            es, _ = shard_batch(eps, run.mesh)
             logits = to_host(logits_of(run.state.ema_params, xs, ts, es))[:b]
             hits[j] += np.sum(np.argmax(logits, -1) == y)
             if t is None:
