@@ -62,7 +62,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import write_section  # noqa: E402
+from benchlib import machine_busy_s, write_section  # noqa: E402
 
 from diffjax.config import base
 from diffjax.models import count_params, init_params
@@ -378,16 +378,6 @@ def fmt(results, meta):
         lines.append(f"\n**Contaminated: other processes used more than {CONTAMINATED} of the {meta['cpu_count']} "
                      f"cores during timed runs; these numbers are not a valid comparison.**")
     return "\n".join(lines)
-
-
-def machine_busy_s() -> float:
-    """CPU-seconds the whole machine has spent busy since boot (all cores; /proc/stat), NaN if unavailable."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return float("nan")
 
 
 def cpu_name():

@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: write a result block into BENCHMARKS.md between markers."""
+"""Shared by the benchmark scripts: result blocks in BENCHMARKS.md, machine-load accounting."""
 
 from __future__ import annotations
 
@@ -26,3 +26,13 @@ def write_section(name: str, text: str, command: str):
              f"{os.cpu_count()} CPU cores, jax {jax.__version__}.")
     with open(BENCHMARKS, "w") as f:
         f.write(head + begin + "\n" + stamp + "\n\n" + text + "\n" + end + tail)
+
+
+def machine_busy_s() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (all cores; /proc/stat), NaN if unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return float("nan")

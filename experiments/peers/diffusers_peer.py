@@ -78,6 +78,11 @@ def configs():
         "UniPCMultistep[bh2]": (lambda: UniPCMultistepScheduler(**common), run_discrete),
         "UniPCMultistep[bh2,order3]": (
             lambda: UniPCMultistepScheduler(**common, solver_order=3), run_discrete),
+        "UniPCMultistep[bh1]": (
+            lambda: UniPCMultistepScheduler(**common, solver_type="bh1"), run_discrete),
+        "UniPCMultistep[bh1,order3]": (
+            lambda: UniPCMultistepScheduler(**common, solver_type="bh1", solver_order=3),
+            run_discrete),
         "EulerDiscrete": (lambda: EulerDiscreteScheduler(**common), run_euler),
         "EulerDiscrete[karras]": (lambda: EulerDiscreteScheduler(**common, use_karras_sigmas=True),
                                   run_euler),
