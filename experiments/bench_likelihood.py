@@ -2,7 +2,8 @@
 oracle and vs k-diffusion's ``sampling.log_likelihood`` on the same points.
 
     python experiments/bench_likelihood.py --quick      # D = 8, n = 64, 2 tolerances (< 3 min)
-    python experiments/bench_likelihood.py              # D = 8 and 32, n = 256, tol 1e-3..1e-6
+    python experiments/bench_likelihood.py              # D = 8 and 32, n = 256, tol 1e-2..1e-6,
+                                                        # per-example and batch error control
     options: --kdiff-python PATH (default /work/venvs/kdiff/bin/python), --no-peer
 
 Problems: g = random_mixture(PRNGKey(1), dim=D, num_components=3) on VPLinear (t_eps = 1e-3) and VE
@@ -94,20 +95,24 @@ def time_call(fn, reps):
 def run_diffjax(p, tols, probes_list, seeds, reps, log):
     rows = []
     m, s, x, d = p["model_fn"], p["sched"], p["x"], p["dim"]
-    for trace, k in [("exact", 1)] + [("hutchinson", k) for k in probes_list]:
+    variants = [(tr, k, ec) for ec in ("per_example", "batch")
+                for tr, k in [("exact", 1)] + [("hutchinson", k) for k in probes_list]]
+    for trace, k, ec in variants:
         for tol in tols:
             logps, nfes, walls = [], [], []
             for seed in (seeds if trace == "hutchinson" else seeds[:1]):
                 key = jax.random.PRNGKey(seed)
                 fn = lambda: log_likelihood(m, s, x, key=key, trace=trace, num_probes=k, probe="rademacher",
-                                            rtol=tol, atol=tol, t_eps=p["t_eps"], prior_logp=p["prior"])
+                                            rtol=tol, atol=tol, t_eps=p["t_eps"], prior_logp=p["prior"],
+                                            error_control=ec)
                 res, wall, _ = time_call(fn, reps)
                 logps.append(np.asarray(res.logp, np.float64))
                 nfes.append(int(res.nfe))
                 walls.append(wall)
             e = err_stats(np.concatenate(logps), np.tile(p["ref"], len(logps)), d)
             wall = float(np.median(walls))
-            row = {"lib": "diffjax", "method": "exact" if trace == "exact" else f"hutch-rad{k}",
+            method = ("exact" if trace == "exact" else f"hutch-rad{k}") + (" [batch]" if ec == "batch" else "")
+            row = {"lib": "diffjax", "method": method, "error_control": ec,
                    "tol": tol, "nfe": int(np.median(nfes)), "nfe_range": [min(nfes), max(nfes)],
                    "wall_s": wall, "pts_per_s": p["n"] / wall, "num_keys": len(logps), **e}
             rows.append(row)
@@ -174,7 +179,7 @@ def matched(rows):
             continue
         ok = [q for q in dj if q["mean_abs"] <= r["mean_abs"]]
         best = max(ok, key=lambda q: q["pts_per_s"]) if ok else None
-        ok_same = [q for q in ok if q["method"] == "hutch-rad1"]
+        ok_same = [q for q in ok if q["method"].split(" ")[0] == "hutch-rad1"]
         best_same = max(ok_same, key=lambda q: q["pts_per_s"]) if ok_same else None
         out.append({"kdiff": f"{r['method']} tol={r['tol']:g}", "kdiff_mean_abs": r["mean_abs"],
                     "kdiff_pts_per_s": r["pts_per_s"],
@@ -182,7 +187,7 @@ def matched(rows):
                     "diffjax_mean_abs": None if best is None else best["mean_abs"],
                     "diffjax_pts_per_s": None if best is None else best["pts_per_s"],
                     "speedup": None if best is None else best["pts_per_s"] / r["pts_per_s"],
-                    "same_estimator": None if best_same is None else f"hutch-rad1 tol={best_same['tol']:g}",
+                    "same_estimator": None if best_same is None else f"{best_same['method']} tol={best_same['tol']:g}",
                     "speedup_same_estimator": None if best_same is None else
                     best_same["pts_per_s"] / r["pts_per_s"]})
     return out
@@ -231,7 +236,7 @@ def main():
     if args.quick:
         dims, n, tols, probes_list, seeds, reps = [8], 64, [1e-3, 1e-5], [1], [0], 1
     else:
-        dims, n, tols, probes_list, seeds, reps = [8, 32], 256, [1e-3, 1e-4, 1e-5, 1e-6], [1, 4], [0, 1, 2, 3], 3
+        dims, n, tols, probes_list, seeds, reps = [8, 32], 256, [1e-2, 1e-3, 1e-4, 1e-5, 1e-6], [1, 4], [0, 1, 2, 3], 7
     dims = args.dims or dims
     os.makedirs(RESULTS, exist_ok=True)
 

@@ -37,6 +37,24 @@ def test_exact_trace_matches_oracle(name):
     assert int(r.nfe) > 0 and r.z.shape == x.shape
 
 
+def test_batch_error_control():
+    """error_control="batch" (k-diffusion's norm) still meets a tight tolerance on the oracle and
+    takes no more steps than the default per-example control; at a loose tolerance the default's
+    worst point is at least as accurate."""
+    s, name = SCHEDULES["ve"], "ve"
+    x = _points(s, n=64)
+    exact = GMM.log_prob_t(x, s, s.t_min)
+    runs = {(ec, tol): log_likelihood(MODEL[name], s, x, prior_logp=PRIOR[name], rtol=tol, atol=tol,
+                                      error_control=ec)
+            for ec in ("per_example", "batch") for tol in (1e-5, 1e-2)}
+    tight = runs["batch", 1e-5]
+    assert float(jnp.mean(jnp.abs(tight.logp - exact))) / D <= 1e-4
+    for tol in (1e-5, 1e-2):
+        assert int(runs["batch", tol].nfe) <= int(runs["per_example", tol].nfe)
+    worst = {ec: float(jnp.max(jnp.abs(runs[ec, 1e-2].logp - exact))) for ec in ("per_example", "batch")}
+    assert worst["per_example"] <= worst["batch"], worst
+
+
 def test_hutchinson_unbiased():
     s, name = SCHEDULES["vp"], "vp"
     x = _points(s, n=4)
@@ -138,6 +156,7 @@ def test_ddpm_vlb_discretized_decoder():
         (lambda: log_likelihood(MODEL["vp"], SCHEDULES["vp"], jnp.ones((4, D)), trace="hutch"), "trace"),
         (lambda: log_likelihood(MODEL["vp"], SCHEDULES["vp"], jnp.ones((4, D)), trace="hutchinson"), "key"),
         (lambda: log_likelihood(MODEL["vp"], SCHEDULES["vp"], jnp.ones((4, D)), t_eps=0.0), "t_eps"),
+        (lambda: log_likelihood(MODEL["vp"], SCHEDULES["vp"], jnp.ones((4, D)), error_control="max"), "error_control"),
         (lambda: bits_per_dim(MODEL["vp"], SCHEDULES["vp"], jnp.full((2, D), 256), key=jax.random.PRNGKey(0)), r"\[0, 255\]"),
         (lambda: bits_per_dim(MODEL["vp"], SCHEDULES["vp"], jnp.full((2, D), -1), key=jax.random.PRNGKey(0)), r"\[0, 255\]"),
         (lambda: ddpm_vlb(MODEL["vp"], SCHEDULES["vp"], jnp.ones((2, D)), key=jax.random.PRNGKey(0)), "DiscreteDDPM"),
