@@ -109,6 +109,7 @@ def log_likelihood(
     prior_logp: Optional[Callable] = None,
     max_steps: int = 4096,
     error_control: str = "per_example",
+    coordinates: str = "schedule",
 ) -> LikelihoodResult:
     """log p_{t_eps}(x) in nats per example via the PF-ODE (Song et al. 2021 eq. 39 / app. D.2).
 
@@ -122,6 +123,10 @@ def log_likelihood(
         a given callable gets z and returns (batch,) nats. Like ``model_fn`` it is a static
         argument of the compiled solve: define it once and reuse it (a fresh lambda per call
         recompiles every time).
+      coordinates: ``"schedule"`` (default): integrate in (x, t). ``"scaled"``: integrate in
+        (x / alpha, sigma / alpha), Karras et al.'s coordinates (and k-diffusion's), where
+        trajectories are nearly straight: the same result, and at loose tolerances (1e-2) a 3-50x
+        smaller error on the oracle at a similar step count (tests/test_likelihood.py).
       error_control: ``"per_example"`` (default): the step-size controller bounds each example's
         own error (x and its log-density), so one point cannot drift at loose tolerances.
         ``"batch"``: the RMS over the batch of the x error and, separately, of the log-density
@@ -145,6 +150,8 @@ def log_likelihood(
             raise ValueError(f"{name} must be positive; got {tol}")
     if trace == "hutchinson" and key is None:
         raise ValueError("trace='hutchinson' needs key= for its probe vectors")
+    if coordinates not in ("schedule", "scaled"):
+        raise ValueError(f"coordinates must be 'schedule' or 'scaled'; got {coordinates!r}")
     if error_control not in _ERROR_NORMS:
         raise ValueError(f"error_control must be one of {tuple(_ERROR_NORMS)}; got {error_control!r}")
     t_eps = float(schedule.t_min if t_eps is None else t_eps)
@@ -155,7 +162,8 @@ def log_likelihood(
         raise ValueError(f"t_eps={t_eps} has sigma = 0, where the PF-ODE drift is singular; use t_eps > 0")
     return _log_likelihood_jit(
         model_fn, schedule, x, key if key is not None else jax.random.PRNGKey(0), cond, prior_logp,
-        (prediction, trace, int(num_probes), probe, solver, t_eps, t_end, int(max_steps), error_control),
+        (prediction, trace, int(num_probes), probe, solver, t_eps, t_end, int(max_steps), error_control,
+         coordinates),
         jnp.asarray(rtol, x.dtype), jnp.asarray(atol, x.dtype),
     )
 
@@ -180,28 +188,55 @@ _ERROR_NORMS = {"per_example": _per_example_norm, "batch": _batch_norm}
 
 
 def _log_likelihood_impl(model_fn, schedule, x, key, cond, prior_logp, config, rtol, atol):
-    prediction, trace, num_probes, probe, solver, t_eps, t_end, max_steps, error_control = config
+    prediction, trace, num_probes, probe, solver, t_eps, t_end, max_steps, error_control, coords = config
     denoise = make_denoiser(model_fn, schedule, prediction)
     divergence = _divergence_fn(trace)
     probes = None
     if trace == "hutchinson":
         probes = _make_probes(key, num_probes, x.shape, x.dtype, probe)
 
-    def vf(t, state, args):
-        y, _ = state
-        drift, jvp_fn = jax.linearize(
-            lambda y: pf_ode_drift(schedule, denoise(y, t, cond), y, t), y
-        )
-        return drift, divergence(jvp_fn, y, probes)
+    if coords == "scaled":
+        # Karras et al. 2022 (eq. 4 with s(t) = alpha, sigma(t) -> sigma / alpha): in y = x / alpha
+        # and time s = sigma / alpha = exp(-lambda) the PF-ODE is dy/ds = (y - x0_hat) / s,
+        # whose trajectories are nearly straight (exactly so for a point mass), so an adaptive
+        # solver takes far fewer steps than in the schedule's own t. The density of x = alpha y
+        # picks up -D log alpha at each end (the two coordinates differ by a linear map).
+        def t_of(s):
+            return schedule.t_from_log_snr(-jnp.log(s))  # lambda = log(alpha / sigma)
+
+        def vf(s, state, args):
+            y, _ = state
+            t = t_of(s)
+            a = schedule._alpha(t)
+            drift, jvp_fn = jax.linearize(lambda y: (y - denoise(a * y, t, cond).x0) / s, y)
+            return drift, divergence(jvp_fn, y, probes)
+
+        s_eps = jnp.sqrt(schedule.sigma2(t_eps)) / schedule.alpha(t_eps)
+        s_end = jnp.sqrt(schedule.sigma2(t_end)) / schedule.alpha(t_end)
+        a_eps, a_end = schedule.alpha(t_eps), schedule.alpha(t_end)
+        y0, t0, t1 = x / a_eps, s_eps, s_end
+    else:
+        def vf(t, state, args):
+            y, _ = state
+            drift, jvp_fn = jax.linearize(
+                lambda y: pf_ode_drift(schedule, denoise(y, t, cond), y, t), y
+            )
+            return drift, divergence(jvp_fn, y, probes)
+
+        y0, t0, t1 = x, t_eps, t_end
 
     cls, per_step, at_init = ODE_SOLVERS[solver]
-    state0 = (x, jnp.zeros((x.shape[0],), x.dtype))
+    state0 = (y0, jnp.zeros((x.shape[0],), x.dtype))
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vf), cls(), t0=t_eps, t1=t_end, dt0=None, y0=state0,
+        diffrax.ODETerm(vf), cls(), t0=t0, t1=t1, dt0=None, y0=state0,
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, norm=_ERROR_NORMS[error_control]),
         saveat=diffrax.SaveAt(t1=True), max_steps=max_steps,
     )
     z, delta = sol.ys[0][0], sol.ys[1][0]
+    if coords == "scaled":
+        dim = math.prod(x.shape[1:])
+        z = a_end * z
+        delta = delta + dim * (jnp.log(a_end) - jnp.log(a_eps))
     logp_z = schedule.prior_logp(z, t_end) if prior_logp is None else prior_logp(z)
     nfe = at_init + per_step * sol.stats["num_steps"]
     return LikelihoodResult(logp_z + delta, jnp.asarray(nfe), z)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -272,7 +273,8 @@ def fmt_matrix(info, rows, nfes):
 def verdict(info, rows, budgets=(10, 20)):
     out = []
     for b in budgets:
-        det = [r for r in rows if r.get("budget") == b and r.get("deterministic") and "error" not in r]
+        det = [r for r in rows if r.get("budget") == b and r.get("deterministic") and "error" not in r
+               and r.get("rms") is not None and math.isfinite(r["rms"])]  # diverged runs (NaN) rank last
         dj = [r for r in det if r["lib"] == "diffjax"]
         peers = [r for r in det if r["lib"] != "diffjax"]
         if not dj or not peers:
