@@ -173,6 +173,9 @@ def extrapolate_x0(x0_last, x0_prev, h):
     limit) to O(u_last^2), with no extra evaluation:
     x0 = x0_last + (x0_last - x0_prev) / (e^{2h} - 1),  since u_last / u_prev = e^{-2h}.
     """
+    if jnp.shape(x0_last) != jnp.shape(x0_prev):
+        raise ValueError(f"x0_last and x0_prev must have the same shape; got {jnp.shape(x0_last)} "
+                         f"and {jnp.shape(x0_prev)}")
     return x0_last + (x0_last - x0_prev) / jnp.expm1(2.0 * h)
 
 
