@@ -3,6 +3,10 @@
 schedules -> parameterization -> samplers / likelihood / losses -> training -> experiments.
 """
 
+from diffjax import xla_cpu
+
+xla_cpu.apply()  # before anything starts a JAX backend; see diffjax/xla_cpu.py
+
 from diffjax import losses, parameterization, schedules, sde, timesteps
 from diffjax.parameterization import Denoised, convert, make_denoiser
 from diffjax.samplers import METHODS, sample

@@ -1,3 +1,5 @@
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -324,3 +326,92 @@ def test_init_and_model_fn_errors(mlp):
     with pytest.raises(ValueError, match="variables dict"):
         make_model_fn(module)(v["params"], jnp.ones((1, 2)), jnp.ones((1,)))
     assert count_params(v) == sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(v))
+
+
+# ---- GroupNorm with the hand-written backward (diffjax.models.norm) ----------------------------
+
+@pytest.mark.parametrize("shape,groups", [((3, 16, 16, 12), 3), ((2, 4, 4, 8), 8), ((2, 5, 6), 2)])
+@pytest.mark.parametrize("act", [None, "silu"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_group_norm_matches_flax(shape, groups, act, fused):
+    """Values and all three gradients equal flax.linen.GroupNorm (+ SiLU) autodiff to f32 rounding."""
+    import flax.linen as nn
+
+    from diffjax.models.norm import group_norm
+
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = 1.5 * jax.random.normal(k[0], shape) + 0.7
+    c = shape[-1]
+    scale, bias = 1 + 0.3 * jax.random.normal(k[1], (c,)), 0.2 * jax.random.normal(k[2], (c,))
+    g = jax.random.normal(k[3], shape)
+
+    def ref(x, scale, bias):
+        y = nn.GroupNorm(num_groups=groups, epsilon=1e-6).apply({"params": {"scale": scale, "bias": bias}}, x)
+        return jax.nn.silu(y) if act == "silu" else y
+
+    def ours(x, scale, bias):
+        return group_norm(x, scale, bias, groups, 1e-6, act, fused_backward=fused)
+
+    out_r, vjp_r = jax.vjp(ref, x, scale, bias)
+    out_o, vjp_o = jax.vjp(ours, x, scale, bias)
+    np.testing.assert_allclose(out_o, out_r, rtol=1e-5, atol=1e-5)
+    for a, b, name in zip(vjp_o(g), vjp_r(g), ("x", "scale", "bias")):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()), err_msg=name)
+
+
+def test_group_norm_module_params_and_paths():
+    """Same parameter tree as flax's GroupNorm (checkpoints carry over); both backward paths agree."""
+    import flax.linen as nn
+
+    from diffjax.models.norm import GroupNorm
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 8))
+    ours = GroupNorm(num_groups=4, act="silu")
+    p = ours.init(jax.random.PRNGKey(0), x)
+    ref = nn.GroupNorm(num_groups=4).init(jax.random.PRNGKey(0), x)
+    chex.assert_trees_all_equal_shapes_and_dtypes(p, ref)
+    small = GroupNorm(num_groups=4, act="silu", fused_min_positions=257)  # 16 * 16 = 256 < 257: autodiff
+    loss = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x) ** 2))(p)  # noqa: E731
+    chex.assert_trees_all_close(loss(ours), loss(small), rtol=1e-5, atol=1e-6)
+
+
+def test_group_norm_bad_input():
+    from diffjax.models.norm import group_norm
+
+    x, s = jnp.ones((2, 4, 4, 6)), jnp.ones(6)
+    with pytest.raises(ValueError, match="num_groups=4 must divide"):
+        group_norm(x, s, s, 4)
+    with pytest.raises(ValueError, match=r"scale must have shape \(6,\)"):
+        group_norm(x, jnp.ones(5), s, 3)
+    with pytest.raises(ValueError, match="act must be one of"):
+        group_norm(x, s, s, 3, act="relu")
+
+
+# ---- XLA:CPU flags set on import (diffjax.xla_cpu) --------------------------------------------
+
+def test_xla_cpu_flags_rules(monkeypatch):
+    from diffjax import xla_cpu
+
+    flag = next(iter(xla_cpu.CPU_FLAGS))
+    monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: (0, 10))
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert xla_cpu.apply(env) == xla_cpu.CPU_FLAGS
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", f"{flag}="]
+    assert xla_cpu.apply(env) == {} and env["XLA_FLAGS"].count(flag) == 1  # idempotent
+    env = {"XLA_FLAGS": f"{flag}=individual_convolution"}  # the user's own value wins
+    assert xla_cpu.apply(env) == {} and env["XLA_FLAGS"] == f"{flag}=individual_convolution"
+    env = {xla_cpu.OPT_OUT: "0"}
+    assert xla_cpu.apply(env) == {} and "XLA_FLAGS" not in env
+    monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: (0, 9))  # untested jaxlib: nothing
+    env = {}
+    assert xla_cpu.apply(env) == {} and env == {}
+
+
+def test_xla_cpu_flags_in_effect_here():
+    """This test process imported diffjax before starting JAX, so on jaxlib 0.10 the flags reached XLA."""
+    from diffjax import xla_cpu
+
+    st = xla_cpu.status()
+    if st["jaxlib"].startswith("0.10") and not os.environ.get(xla_cpu.OPT_OUT):
+        assert st["in_effect"], st
+        assert all(f"{k}={v}" in st["xla_flags"] for k, v in xla_cpu.CPU_FLAGS.items())

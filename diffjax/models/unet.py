@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models.embeddings import check_embedding_fields, check_int, conditioning, default_init
+from diffjax.models.norm import GroupNorm
 
 __all__ = ["UNet", "ResBlock", "AttnBlock", "Downsample", "Upsample", "default_num_groups"]
 
@@ -40,8 +41,9 @@ def _groups(channels: int, num_groups: Optional[int]) -> int:
     return default_num_groups(channels) if num_groups is None else num_groups
 
 
-def _norm(channels: int, num_groups: Optional[int], name: str) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=_groups(channels, num_groups), epsilon=1e-6, name=name)
+def _norm(channels: int, num_groups: Optional[int], name: str, act: Optional[str] = None) -> GroupNorm:
+    """GroupNorm (eps 1e-6), optionally fused with the SiLU after it (``diffjax.models.norm``)."""
+    return GroupNorm(num_groups=_groups(channels, num_groups), epsilon=1e-6, act=act, name=name)
 
 
 def _conv(features: int, kernel: int = 3, stride: int = 1, zero: bool = False, name=None) -> nn.Conv:
@@ -92,7 +94,7 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
         in_ch = x.shape[-1]
-        h = nn.silu(_norm(in_ch, self.num_groups, "norm0")(x))
+        h = _norm(in_ch, self.num_groups, "norm0", act="silu")(x)
         if self.up:
             h, x = _upsample_nearest(h), _upsample_nearest(x)
         elif self.down:
@@ -102,10 +104,10 @@ class ResBlock(nn.Module):
         e = nn.Dense(n_emb, kernel_init=default_init(), name="emb")(nn.silu(emb))[:, None, None, :]
         if self.scale_shift:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = _norm(self.out_ch, self.num_groups, "norm1")(h) * (1.0 + scale) + shift
+            h = nn.silu(_norm(self.out_ch, self.num_groups, "norm1")(h) * (1.0 + scale) + shift)
         else:
-            h = _norm(self.out_ch, self.num_groups, "norm1")(h + e)
-        h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=not train)
+            h = _norm(self.out_ch, self.num_groups, "norm1", act="silu")(h + e)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = _conv(self.out_ch, zero=True, name="conv1")(h)
         if in_ch != self.out_ch or self.up or self.down:  # as in ResnetBlockBigGANpp
             x = _conv(self.out_ch, kernel=1, name="skip")(x)
@@ -334,7 +336,7 @@ class UNet(nn.Module):
                     h = Upsample(name=f"up_r{r}_upsample")(h)
         assert not skips
 
-        h = nn.silu(_norm(h.shape[-1], self.num_groups, "norm_out")(h))
+        h = _norm(h.shape[-1], self.num_groups, "norm_out", act="silu")(h)
         return _conv(out_ch, zero=True, name="conv_out")(h)
 
 
