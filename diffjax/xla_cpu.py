@@ -31,7 +31,7 @@ TESTED_JAXLIB = ((0, 10), (0, 11))  # [low, high) as (major, minor)
 OPT_OUT = "DIFFJAX_XLA_CPU_FLAGS"
 
 _applied: dict = {}
-_state = {"late": False}
+_state = {"late": True, "at_import": ""}
 
 
 def _jaxlib_version() -> tuple:
@@ -68,11 +68,19 @@ def apply(environ=None) -> dict:
         env["XLA_FLAGS"] = " ".join([current.strip()] + [f"{k}={v}" for k, v in added.items()]).strip()
     if environ is None:
         _applied.update(added)
-        _state["late"] = bool(added) and _backend_running()
+        _state["late"] = _backend_running()
+        _state["at_import"] = env.get("XLA_FLAGS", "")
     return added
 
 
 def status() -> dict:
-    """The flags diffjax added, whether they reached this process's backend, XLA_FLAGS now, jaxlib."""
-    return {"added_by_diffjax": dict(_applied), "in_effect": bool(_applied) and not _state["late"],
+    """The flags diffjax added here, whether all of CPU_FLAGS reached this process's backend, XLA_FLAGS, jaxlib.
+
+    ``in_effect``: XLA_FLAGS held every flag of CPU_FLAGS with its value when diffjax was imported
+    (added then, or inherited, e.g. from a parent process that imported diffjax) and no backend
+    had started yet.
+    """
+    tokens = set(_state["at_import"].split())
+    present = all(f"{k}={v}" in tokens for k, v in CPU_FLAGS.items())
+    return {"added_by_diffjax": dict(_applied), "in_effect": present and not _state["late"],
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jaxlib": ".".join(map(str, _jaxlib_version()))}

@@ -13,6 +13,8 @@ transferred per step: ``global_batch`` for JAX, ``torch.from_numpy`` of an NCHW 
   jax_step   the real step: ``make_train_step(build_loss(...), build_optimizer(...), ema_decay,
              shardings, mesh)`` on a 1-device mesh; jitted, state donated; eps-MSE loss
              (antithetic t, dropout), Adam + warm-up + global-norm clipping, EMA (all ``base()``).
+  jax_step_fused  the same step with ``steps_per_call=4``: four steps per call in one ``lax.scan``
+             over a stack of four batches (``training.steps_per_call``); per-step time = call / 4.
   jax_bare   ``jit(value_and_grad(loss_fn))`` of the same loss w.r.t. the same params (no
              optimizer, no EMA, no donation).
   jax_update the rest of the step alone: ``optimizer.update`` + ``apply_updates`` + ``ema_update`` on
@@ -82,9 +84,11 @@ SIZES = {
               model=dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,))),
 }
 # steps per timed repeat, (quick, full); repeats (quick, full)
-STEPS = {"A": (5, 20), "B": (2, 6)}
+STEPS = {"A": (4, 20), "B": (4, 8)}  # multiples of FUSED
+FUSED = 4  # steps per call of the jax_step_fused contender (training.steps_per_call)
 REPEATS = (2, 7)
 TARGET_OVERHEAD, TARGET_SPEEDUP = 1.1, 1.3
+JAX_CONTENDERS = ("jax_bare", "jax_step", "jax_step_fused", "jax_update")
 CONTAMINATED = 0.25  # cores used by other processes during a timed run above which the run is flagged
 
 
@@ -151,6 +155,11 @@ class JaxContenders:
         self.state = shard_state(state, self.shardings)
         self.step_fn = make_train_step(loss_fn, optimizer, ema_decay=c.optim.ema_decay, shardings=self.shardings,
                                        mesh=self.mesh, steps_per_call=1)
+        # the same step, FUSED steps per call (lax.scan over a stack of batches); its own state copy
+        self.state_fused = shard_state(TrainState.create(jax.tree.map(jnp.copy, params), optimizer, k_run),
+                                       self.shardings)
+        self.step_fused = make_train_step(loss_fn, optimizer, ema_decay=c.optim.ema_decay, shardings=self.shardings,
+                                          mesh=self.mesh, steps_per_call=FUSED)
         self.host = host
         self.i = 0
 
@@ -180,13 +189,18 @@ class JaxContenders:
         self.i += 1
         return global_batch({"x": x}, self.mesh)
 
+    def _stack(self):
+        x = self.host[np.arange(self.i, self.i + FUSED) % POOL]
+        self.i += FUSED
+        return global_batch({"x": x}, self.mesh, stacked=True)
+
     def warm(self):
         """First call of each function (compile + one step), then one more call each."""
-        for what in ("jax_step", "jax_bare", "jax_update"):
+        for what in JAX_CONTENDERS:
             t0 = time.perf_counter()
-            self.run(what, 1)
+            self.run(what, FUSED if what == "jax_step_fused" else 1)
             self.first_call_s[what] = time.perf_counter() - t0
-            self.run(what, 1)
+            self.run(what, FUSED if what == "jax_step_fused" else 1)
         loss = float(self.last_metrics["loss"][0])
         if not np.isfinite(loss):
             raise SystemExit(f"non-finite loss {loss} in the diffjax step")
@@ -200,6 +214,14 @@ class JaxContenders:
                 state, metrics = self.step_fn(state, self._batch())
             jax.block_until_ready((state, metrics))
             self.state, self.last_metrics = state, metrics
+        elif what == "jax_step_fused":
+            if n % FUSED:
+                raise ValueError(f"jax_step_fused runs steps in calls of {FUSED}; got n={n}")
+            state, metrics = self.state_fused, None
+            for _ in range(n // FUSED):
+                state, metrics = self.step_fused(state, self._stack())
+            jax.block_until_ready((state, metrics))
+            self.state_fused = state
         elif what == "jax_bare":
             out = None
             for _ in range(n):
@@ -274,7 +296,7 @@ def bench_size(size, quick, repeats, steps, peer, log, objective):
     jx.warm()
     log(f"[{size}] diffjax params {jx.n_params:,}; init {jx.init_s:.1f}s; first calls (compile + 1 step) "
         + ", ".join(f"{k} {v:.1f}s" for k, v in jx.first_call_s.items()) + f" (warm-up {time.perf_counter() - t0:.0f}s)")
-    runners = {w: (lambda w=w, n=steps: jx.run(w, n)) for w in ("jax_bare", "jax_step", "jax_update")}
+    runners = {w: (lambda w=w, n=steps: jx.run(w, n)) for w in JAX_CONTENDERS}
     torch_info = None
     if peer is not None:
         torch_info = peer.ask(cmd="setup", name=size, spec=spec, warmup=1 if quick else 3)
@@ -318,13 +340,15 @@ def bench_size(size, quick, repeats, steps, peer, log, objective):
                    torch_adam_flags=torch_info.get("adam_flags"),
                    param_ratio=jx.n_params / torch_info["n_params"],
                    speedup=med["torch_step"] / med["jax_step"],
+                   speedup_fused=med["torch_step"] / med["jax_step_fused"],
                    speedup_paired=[a / b for a, b in zip(times["torch_step"], times["jax_step"])],
                    torch_overhead=med["torch_step"] / med["torch_bare"])
     return res
 
 
 def fmt(results, meta):
-    names = {"jax_step": "diffjax train step", "jax_bare": "diffjax bare fwd+bwd (jit value_and_grad)",
+    names = {"jax_step": "diffjax train step", "jax_step_fused": f"diffjax train step, {FUSED} per call (lax.scan)",
+             "jax_bare": "diffjax bare fwd+bwd (jit value_and_grad)",
              "jax_update": "diffjax optimizer+EMA alone (breakdown)", "torch_step": "PyTorch+diffusers train step",
              "torch_bare": "PyTorch+diffusers bare fwd+bwd"}
     lines = []
@@ -355,6 +379,8 @@ def fmt(results, meta):
             lines.append(f"- Speed-up torch/diffjax step = **{r['speedup']:.2f}x** (per-repeat {min(sp):.2f}-"
                          f"{max(sp):.2f}x); target >= {TARGET_SPEEDUP}x: **{'met' if ok else 'not met'}**. "
                          f"(torch's own step/bare = {r['torch_overhead']:.3f}.)")
+            lines.append(f"- With {FUSED} steps fused per call (`training.steps_per_call={FUSED}`): speed-up "
+                         f"**{r['speedup_fused']:.2f}x**, step/bare {r['timings']['jax_step_fused']['median_s'] / r['timings']['jax_bare']['median_s']:.3f}.")
         lines.append("")
     over = ", ".join(f"{r['size']} {r['overhead']:.3f} ({'met' if r['overhead'] <= TARGET_OVERHEAD else 'not met'})"
                      for r in results)

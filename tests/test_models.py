@@ -371,7 +371,7 @@ def test_group_norm_module_params_and_paths():
     ref = nn.GroupNorm(num_groups=4).init(jax.random.PRNGKey(0), x)
     chex.assert_trees_all_equal_shapes_and_dtypes(p, ref)
     small = GroupNorm(num_groups=4, act="silu", fused_min_positions=257)  # 16 * 16 = 256 < 257: autodiff
-    loss = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x) ** 2))(p)  # noqa: E731
+    loss = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x, train=True) ** 2))(p)  # noqa: E731
     chex.assert_trees_all_close(loss(ours), loss(small), rtol=1e-5, atol=1e-6)
 
 
@@ -415,3 +415,64 @@ def test_xla_cpu_flags_in_effect_here():
     if st["jaxlib"].startswith("0.10") and not os.environ.get(xla_cpu.OPT_OUT):
         assert st["in_effect"], st
         assert all(f"{k}={v}" in st["xla_flags"] for k, v in xla_cpu.CPU_FLAGS.items())
+
+
+# ---- convolution with canonical-form gradients (diffjax.models.conv) --------------------------
+
+@pytest.mark.parametrize("shape,k", [((2, 8, 8, 3), 3), ((2, 5, 7, 4), 3), ((2, 6, 6, 4), 1), ((1, 8, 8, 2), 4)])
+def test_conv2d_same_matches_lax_autodiff(shape, k):
+    from jax import lax
+
+    from diffjax.models.conv import conv2d_same
+
+    ks = jax.random.split(jax.random.PRNGKey(0), 3)
+    x, w = jax.random.normal(ks[0], shape), jax.random.normal(ks[1], (k, k, shape[-1], 5))
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    y_r, vjp_r = jax.vjp(ref, x, w)
+    y_o, vjp_o = jax.vjp(conv2d_same, x, w)
+    g = jax.random.normal(ks[2], y_r.shape)
+    np.testing.assert_allclose(y_o, y_r, rtol=1e-5, atol=1e-5)
+    for a, b in zip(vjp_o(g), vjp_r(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_conv_gradients_canonical_inside_scan():
+    """Every convolution of a scanned train-like step is in XLA:CPU's canonical form (the fast Eigen path)."""
+    import re
+
+    import flax.linen as nn
+
+    from diffjax.models.conv import Conv
+
+    x = jnp.ones((2, 8, 8, 3))
+    m = Conv(4, 3)
+    p = m.init(jax.random.PRNGKey(0), x)
+    chex.assert_trees_all_equal_shapes_and_dtypes(p, nn.Conv(4, (3, 3), padding="SAME").init(jax.random.PRNGKey(0), x))
+
+    def body(carry, _):  # gradients w.r.t. both the weights and the input (as for a conv inside a network)
+        g = jax.grad(lambda c: jnp.sum(jax.nn.silu(m.apply(c[0], c[1], train=True)) ** 2))(carry)
+        return jax.tree.map(lambda a, b: a - 1e-3 * b, carry, g), None
+
+    hlo = jax.jit(lambda c: jax.lax.scan(body, c, None, length=2)[0]).lower((p, x)).compile().as_text()
+    labels = re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo)
+    assert len(labels) >= 3, labels  # forward, input gradient, weight gradient
+    assert set(labels) == {"b01f_01io->b01f"}, labels
+
+
+def test_unet_train_and_eval_paths_agree_and_eval_has_forward_mode():
+    """train=True takes the custom-VJP conv/GroupNorm (reverse mode only); train=False stays plain and
+    supports jax.linearize (the likelihood's trace); both give the same values and gradients."""
+    m = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 1))
+    t = jnp.full((2,), 0.3)
+    p = init_params(m, jax.random.PRNGKey(1), x.shape)
+    p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape), p)
+    f = lambda p, train: jnp.sum(m.apply(p, x, t, train=train) ** 2)  # noqa: E731
+    np.testing.assert_allclose(f(p, True), f(p, False), rtol=1e-5)
+    chex.assert_trees_all_close(jax.grad(f)(p, True), jax.grad(f)(p, False), rtol=2e-4, atol=1e-6)
+    _, tangent = jax.jvp(lambda x: m.apply(p, x, t, train=False), (x,), (jnp.ones_like(x),))
+    _, lin = jax.linearize(lambda x: m.apply(p, x, t, train=False), x)
+    np.testing.assert_allclose(lin(jnp.ones_like(x)), tangent, rtol=1e-5, atol=1e-6)

@@ -45,5 +45,5 @@ class EncoderClassifier(UNet):
     @nn.compact
     def __call__(self, x, t, cond=None, *, train: bool = False):
         h, _, _, _ = self._encode(jnp.asarray(x), t, None, train)
-        h = _norm(h.shape[-1], self.num_groups, "norm_out", act="silu")(h)
+        h = _norm(h.shape[-1], self.num_groups, "norm_out", act="silu")(h, train)
         return nn.Dense(self.out_channels, kernel_init=nn.initializers.zeros, name="head")(jnp.mean(h, axis=(1, 2)))

@@ -14,7 +14,9 @@ per-(sample, channel) sums plus one elementwise pass:
   dx = rstd * (gy * scale - mean_g(scale * B) - xhat * mean_g(scale * A)),
 where mean_g averages over a group's channels and positions. ``GroupNorm`` takes this backward on
 feature maps of at least ``FUSED_MIN_POSITIONS`` positions and leaves smaller ones to autodiff
-(measured below); the forward is the same either way.
+(measured below); the forward is the same either way. A custom VJP has no forward mode
+(``jax.jvp``/``jax.linearize``, used by the likelihood), so the module takes it only with
+``train=True`` (the training step) and leaves evaluation to plain autodiff.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def group_norm(x, scale, bias, num_groups: int, eps: float = 1e-6, act=None, fus
     """GroupNorm of x (N, ..., C) over each group of C // num_groups channels and all positions, then act.
 
     ``act``: None or "silu" (applied to the normalized, scaled and shifted output).
-    ``fused_backward``: the hand-written backward above; False leaves the same forward to autodiff.
+    ``fused_backward``: the hand-written backward above (reverse mode only); False leaves the same
+    forward to autodiff (every transformation).
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}; got {act!r}")
@@ -119,9 +122,10 @@ class GroupNorm(nn.Module):
     fused_min_positions: int = FUSED_MIN_POSITIONS
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):
+        """``train=True`` (reverse mode only) takes the hand-written backward on large maps; else autodiff."""
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
         return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.act,
-                          fused_backward=math.prod(x.shape[1:-1]) >= self.fused_min_positions)
+                          fused_backward=train and math.prod(x.shape[1:-1]) >= self.fused_min_positions)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models.embeddings import check_embedding_fields, check_int, conditioning, default_init
+from diffjax.models.conv import Conv
 from diffjax.models.norm import GroupNorm
 
 __all__ = ["UNet", "ResBlock", "AttnBlock", "Downsample", "Upsample", "default_num_groups"]
@@ -46,9 +47,12 @@ def _norm(channels: int, num_groups: Optional[int], name: str, act: Optional[str
     return GroupNorm(num_groups=_groups(channels, num_groups), epsilon=1e-6, act=act, name=name)
 
 
-def _conv(features: int, kernel: int = 3, stride: int = 1, zero: bool = False, name=None) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
-                   kernel_init=_ZERO if zero else default_init(), name=name)
+def _conv(features: int, kernel: int = 3, stride: int = 1, zero: bool = False, name=None) -> nn.Module:
+    """SAME k x k convolution; stride 1 runs on ``diffjax.models.conv.Conv`` (canonical-form gradients)."""
+    init = _ZERO if zero else default_init()
+    if stride == 1:
+        return Conv(features, kernel, kernel_init=init, name=name)
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME", kernel_init=init, name=name)
 
 
 def _upsample_nearest(x):
@@ -63,16 +67,16 @@ class Downsample(nn.Module):
     """Plain 2x downsampling by a stride-2 3x3 convolution (Ho et al. 2020)."""
 
     @nn.compact
-    def __call__(self, x):
-        return _conv(x.shape[-1], stride=2, name="conv")(x)
+    def __call__(self, x, train: bool = False):
+        return _conv(x.shape[-1], stride=2, name="conv")(x)  # a flax nn.Conv (stride 2): one path
 
 
 class Upsample(nn.Module):
     """Plain 2x upsampling: nearest-neighbour resize then a 3x3 convolution (Ho et al. 2020)."""
 
     @nn.compact
-    def __call__(self, x):
-        return _conv(x.shape[-1], name="conv")(_upsample_nearest(x))
+    def __call__(self, x, train: bool = False):
+        return _conv(x.shape[-1], name="conv")(_upsample_nearest(x), train)
 
 
 class ResBlock(nn.Module):
@@ -94,23 +98,23 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
         in_ch = x.shape[-1]
-        h = _norm(in_ch, self.num_groups, "norm0", act="silu")(x)
+        h = _norm(in_ch, self.num_groups, "norm0", act="silu")(x, train)
         if self.up:
             h, x = _upsample_nearest(h), _upsample_nearest(x)
         elif self.down:
             h, x = _downsample_avg(h), _downsample_avg(x)
-        h = _conv(self.out_ch, name="conv0")(h)
+        h = _conv(self.out_ch, name="conv0")(h, train)
         n_emb = 2 * self.out_ch if self.scale_shift else self.out_ch
         e = nn.Dense(n_emb, kernel_init=default_init(), name="emb")(nn.silu(emb))[:, None, None, :]
         if self.scale_shift:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = nn.silu(_norm(self.out_ch, self.num_groups, "norm1")(h) * (1.0 + scale) + shift)
+            h = nn.silu(_norm(self.out_ch, self.num_groups, "norm1")(h, train) * (1.0 + scale) + shift)
         else:
-            h = _norm(self.out_ch, self.num_groups, "norm1", act="silu")(h + e)
+            h = _norm(self.out_ch, self.num_groups, "norm1", act="silu")(h + e, train)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = _conv(self.out_ch, zero=True, name="conv1")(h)
+        h = _conv(self.out_ch, zero=True, name="conv1")(h, train)
         if in_ch != self.out_ch or self.up or self.down:  # as in ResnetBlockBigGANpp
-            x = _conv(self.out_ch, kernel=1, name="skip")(x)
+            x = _conv(self.out_ch, kernel=1, name="skip")(x, train)
         out = x + h
         return out / math.sqrt(2.0) if self.skip_rescale else out
 
@@ -123,12 +127,12 @@ class AttnBlock(nn.Module):
     skip_rescale: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):
         b, hgt, wid, c = x.shape
         if c % self.num_heads:
             raise ValueError(f"attention channels {c} not divisible by num_heads={self.num_heads}")
         d = c // self.num_heads
-        h = _norm(c, self.num_groups, "norm")(x).reshape(b, hgt * wid, c)
+        h = _norm(c, self.num_groups, "norm")(x, train).reshape(b, hgt * wid, c)
         qkv = nn.Dense(3 * c, kernel_init=default_init(), name="qkv")(h)
         q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3 * self.num_heads, d), 3, axis=2)
         a = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
@@ -284,8 +288,8 @@ class UNet(nn.Module):
         return ResBlock(c, self.num_groups, self.dropout, self.scale_shift, self.skip_rescale,
                         up=up, down=down, name=name)(h, emb, train)
 
-    def _attn(self, h, name):
-        return AttnBlock(self._heads(h.shape[-1]), self.num_groups, self.skip_rescale, name=name)(h)
+    def _attn(self, h, name, train):
+        return AttnBlock(self._heads(h.shape[-1]), self.num_groups, self.skip_rescale, name=name)(h, train)
 
     def _encode(self, x, t, cond, train):
         """The conditioning vector, input conv, down path and middle block: (h, skips, emb, resolutions).
@@ -295,25 +299,25 @@ class UNet(nn.Module):
         res = self._check_input(x)
         chans = [self.ch * m for m in self.ch_mult]
         emb = conditioning(self, t, cond, x.shape[0], dim=4 * self.ch, features=self.ch)  # DDPM: ch -> 4 ch
-        h = _conv(chans[0], name="conv_in")(x)
+        h = _conv(chans[0], name="conv_in")(x, train)
         skips = [h]
         for lvl, c in enumerate(chans):
             r = res[lvl]
             for i in range(self.num_res_blocks):
                 h = self._resblock(h, emb, c, f"down_r{r}_res{i}", train)
                 if r in self.attn_resolutions:
-                    h = self._attn(h, f"down_r{r}_attn{i}")
+                    h = self._attn(h, f"down_r{r}_attn{i}", train)
                 skips.append(h)
             if lvl != len(chans) - 1:
                 if self.resblock_updown:
                     h = self._resblock(h, emb, c, f"down_r{r}_downsample", train, down=True)
                 else:
-                    h = Downsample(name=f"down_r{r}_downsample")(h)
+                    h = Downsample(name=f"down_r{r}_downsample")(h, train)
                 skips.append(h)
 
         h = self._resblock(h, emb, chans[-1], "mid_res0", train)
         if self.mid_attn:
-            h = self._attn(h, "mid_attn")
+            h = self._attn(h, "mid_attn", train)
         h = self._resblock(h, emb, chans[-1], "mid_res1", train)
         return h, skips, emb, res
 
@@ -328,16 +332,16 @@ class UNet(nn.Module):
             for i in range(self.num_res_blocks + 1):
                 h = self._resblock(jnp.concatenate([h, skips.pop()], axis=-1), emb, c, f"up_r{r}_res{i}", train)
                 if r in self.attn_resolutions:
-                    h = self._attn(h, f"up_r{r}_attn{i}")
+                    h = self._attn(h, f"up_r{r}_attn{i}", train)
             if lvl != 0:
                 if self.resblock_updown:
                     h = self._resblock(h, emb, c, f"up_r{r}_upsample", train, up=True)
                 else:
-                    h = Upsample(name=f"up_r{r}_upsample")(h)
+                    h = Upsample(name=f"up_r{r}_upsample")(h, train)
         assert not skips
 
-        h = _norm(h.shape[-1], self.num_groups, "norm_out", act="silu")(h)
-        return _conv(out_ch, zero=True, name="conv_out")(h)
+        h = _norm(h.shape[-1], self.num_groups, "norm_out", act="silu")(h, train)
+        return _conv(out_ch, zero=True, name="conv_out")(h, train)
 
 
 def _first_odd(height: int, n_down: int) -> int:
