@@ -476,3 +476,12 @@ def test_unet_train_and_eval_paths_agree_and_eval_has_forward_mode():
     _, tangent = jax.jvp(lambda x: m.apply(p, x, t, train=False), (x,), (jnp.ones_like(x),))
     _, lin = jax.linearize(lambda x: m.apply(p, x, t, train=False), x)
     np.testing.assert_allclose(lin(jnp.ones_like(x)), tangent, rtol=1e-5, atol=1e-6)
+
+
+def test_conv2d_same_bad_input():
+    from diffjax.models.conv import conv2d_same
+
+    with pytest.raises(ValueError, match=r"same Cin; got x \(2, 8, 8, 3\), w \(3, 3, 4, 5\)"):
+        conv2d_same(jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 4, 5)))
+    with pytest.raises(ValueError, match="x must be"):
+        conv2d_same(jnp.ones((8, 8, 3)), jnp.ones((3, 3, 3, 5)))

@@ -38,14 +38,21 @@ def _conv(x, w, padding):
     return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_DN)
 
 
-@jax.custom_vjp
 def conv2d_same(x, w):
     """Stride-1 SAME convolution of x (N, H, W, Cin) with w (kh, kw, Cin, Cout); canonical-form gradients."""
+    if jnp.ndim(x) != 4 or jnp.ndim(w) != 4 or jnp.shape(w)[2] != jnp.shape(x)[-1]:
+        raise ValueError(f"conv2d_same: x must be (N, H, W, Cin) and w (kh, kw, Cin, Cout) with the same Cin; "
+                         f"got x {jnp.shape(x)}, w {jnp.shape(w)}")
+    return _conv2d_same(x, w)
+
+
+@jax.custom_vjp
+def _conv2d_same(x, w):
     return _conv(x, w, _pads(*w.shape[:2]))
 
 
 def _fwd(x, w):
-    return conv2d_same(x, w), (x, w)
+    return _conv2d_same(x, w), (x, w)
 
 
 def _bwd(res, g):
@@ -58,7 +65,7 @@ def _bwd(res, g):
     return dx, jnp.transpose(dw, (1, 2, 0, 3))
 
 
-conv2d_same.defvjp(_fwd, _bwd)
+_conv2d_same.defvjp(_fwd, _bwd)
 
 
 class Conv(nn.Module):
