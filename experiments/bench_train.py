@@ -156,8 +156,9 @@ class JaxContenders:
         self.step_fn = make_train_step(loss_fn, optimizer, ema_decay=c.optim.ema_decay, shardings=self.shardings,
                                        mesh=self.mesh, steps_per_call=1)
         # the same step, FUSED steps per call (lax.scan over a stack of batches); its own state copy
-        self.state_fused = shard_state(TrainState.create(jax.tree.map(jnp.copy, params), optimizer, k_run),
-                                       self.shardings)
+        # (copies of params and key: the other step donates its state, whose buffers may be these)
+        self.state_fused = shard_state(TrainState.create(jax.tree.map(jnp.copy, params), optimizer,
+                                                         jnp.copy(k_run)), self.shardings)
         self.step_fused = make_train_step(loss_fn, optimizer, ema_decay=c.optim.ema_decay, shardings=self.shardings,
                                           mesh=self.mesh, steps_per_call=FUSED)
         self.host = host

@@ -120,13 +120,18 @@ class _TimeBudget:
         self.seconds, self.every, self.stopped = seconds, every, False
         self.start = time.perf_counter()
 
-    def spent(self, step: int) -> bool:
+    def spent(self, step: int, state=None) -> bool:
+        """``state``: the latest train state; waited for before reading the clock, so that asynchronous
+        dispatch (up to ``log_every`` steps ahead) cannot carry training past the budget."""
         if self.seconds is None:
             return False
+        multi = jax.process_count() > 1
+        if multi and step % self.every:
+            return False
+        if state is not None:
+            jax.block_until_ready(state.step)
         over = time.perf_counter() - self.start >= self.seconds
-        if jax.process_count() > 1:
-            if step % self.every:
-                return False
+        if multi:
             from jax.experimental import multihost_utils
 
             over = bool(multihost_utils.broadcast_one_to_all(np.asarray(over)))
@@ -171,7 +176,7 @@ def train(config, workdir: str, *, run: Optional[Run] = None, progress: bool = T
     budget = _TimeBudget(t_cfg.get("max_train_seconds"), t_cfg.log_every)
     try:
         with _StopRequested() as stop:
-            while step < end and not stop.check(step) and not budget.spent(step):
+            while step < end and not stop.check(step) and not budget.spent(step, state):
                 chunk = [next(batches) for _ in range(k)]
                 host = chunk[0] if k == 1 else jax.tree.map(lambda *xs: np.stack(xs), *chunk)
                 state, metrics = step_fn(state, global_batch(host, run.mesh, stacked=k > 1))
