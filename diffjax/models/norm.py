@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["GroupNorm", "group_norm"]
+__all__ = ["GroupNorm", "group_norm", "silu"]
 
 ACTIVATIONS = (None, "silu")
 # GroupNorm layers over at least this many positions (H * W) take the hand-written backward; below
@@ -54,10 +54,26 @@ def _stats(x3, groups: int, eps: float):
     return mean, jax.lax.rsqrt(var + eps)
 
 
+def silu(y):
+    """SiLU y * sigmoid(y) (Elfwing et al. 2018), written y / (1 + exp(-y)) so that its last op is a division.
+
+    Why: XLA does not duplicate an "expensive" op (a float division is one; a multiply is not) into
+    the fusions that consume its result. With ``y * sigmoid(y)`` XLA:CPU re-derived the activation
+    (GroupNorm, SiLU, upsampling) inside every transposed copy that feeds a weight-gradient
+    convolution, in that copy's cache-hostile element order; with the division the activation is
+    read once from memory. Measured (both forms compiled in one process, timed in alternating rounds,
+    2-core EPYC): the digits train step, 4 steps per call, 233 vs 258 ms/step (0.90x, faster in all 6
+    rounds); bench_train's size-B bare forward+backward 944 vs 1010 ms (0.93x). The
+    exponent is clipped at 80 so that exp cannot overflow: then y / (1 + e^80) and its derivative are
+    within 1e-33 of SiLU's, where autodiff of y / inf would give NaN.
+    """
+    return y / (1.0 + jnp.exp(-jnp.maximum(y, -80.0)))
+
+
 def _forward(x3, scale, bias, groups, eps, act):
     mean, rstd = _stats(x3, groups, eps)
     y = (x3 - mean) * (rstd * scale) + bias  # flax.linen.GroupNorm's order of operations
-    return (jax.nn.silu(y) if act == "silu" else y), (mean, rstd)
+    return (silu(y) if act == "silu" else y), (mean, rstd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from diffjax.models.embeddings import check_embedding_fields, check_int, conditioning, default_init
 from diffjax.models.conv import Conv
-from diffjax.models.norm import GroupNorm
+from diffjax.models.norm import GroupNorm, silu
 
 __all__ = ["UNet", "ResBlock", "AttnBlock", "Downsample", "Upsample", "default_num_groups"]
 
@@ -108,7 +108,7 @@ class ResBlock(nn.Module):
         e = nn.Dense(n_emb, kernel_init=default_init(), name="emb")(nn.silu(emb))[:, None, None, :]
         if self.scale_shift:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = nn.silu(_norm(self.out_ch, self.num_groups, "norm1")(h, train) * (1.0 + scale) + shift)
+            h = silu(_norm(self.out_ch, self.num_groups, "norm1")(h, train) * (1.0 + scale) + shift)
         else:
             h = _norm(self.out_ch, self.num_groups, "norm1", act="silu")(h + e, train)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
