@@ -120,7 +120,7 @@ class _TimeBudget:
         self.seconds, self.every, self.stopped = seconds, every, False
         self.start = time.perf_counter()
 
-    def spent(self, step: int, state=None) -> bool:
+    def spent(self, step: int, state) -> bool:
         """``state``: the latest train state; waited for before reading the clock, so that asynchronous
         dispatch (up to ``log_every`` steps ahead) cannot carry training past the budget."""
         if self.seconds is None:
@@ -128,8 +128,7 @@ class _TimeBudget:
         multi = jax.process_count() > 1
         if multi and step % self.every:
             return False
-        if state is not None:
-            jax.block_until_ready(state.step)
+        jax.block_until_ready(state.step)
         over = time.perf_counter() - self.start >= self.seconds
         if multi:
             from jax.experimental import multihost_utils
