@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from diffjax import data
-from diffjax.data import images, toy
+from diffjax.data import images, pipeline, toy
 from diffjax.data.digits.digits_dataset_builder import split_indices, to_uint8
 
 N_TRAIN, N_TEST = 1500, 297
@@ -170,6 +170,29 @@ def test_each_epoch_covers_train_split_once_in_fresh_order(data_dir):
     for e in epochs:
         assert rows(u[e], labels[e]) == expected
     assert not np.array_equal(u[epochs[0]], u[epochs[1]])
+
+
+def test_split_read_per_batch_equals_in_memory(data_dir, monkeypatch):
+    """A split too large for memory is read from the data source per batch: same stream, bitwise."""
+    kwargs = {"random_flip": True, "start_step": 9}
+    in_memory = digits_batches(data_dir, 4, **kwargs)
+    monkeypatch.setattr(pipeline, "IN_MEMORY_BYTES", 0)
+    reads = []
+    real_read = pipeline._Examples._read
+    monkeypatch.setattr(pipeline._Examples, "_read", lambda self, index: reads.append(len(index)) or real_read(self, index))
+    assert_batches_equal(digits_batches(data_dir, 4, **kwargs), in_memory)
+    assert reads and max(reads) == 128  # never the whole split
+
+
+def test_stream_uniforms_are_per_element_and_sliceable():
+    """Element i's uniforms do not depend on which slice draws them; they lie in [0, 1) and look uniform."""
+    whole = pipeline.stream_uniforms(7, 0, 300, 65)
+    assert whole.shape == (300, 65) and whole.dtype == np.float32
+    np.testing.assert_array_equal(pipeline.stream_uniforms(7, 123, 50, 65), whole[123:173])
+    assert whole.min() >= 0.0 and whole.max() < 1.0
+    assert abs(whole.mean() - 0.5) < 0.01 and abs(whole.var() - 1 / 12) < 0.003
+    assert not np.array_equal(pipeline.stream_uniforms(8, 0, 300, 65), whole)
+    assert len(np.unique(whole)) > 0.99 * whole.size  # no repeated words across elements or columns
 
 
 @pytest.mark.parametrize("process_count", [2, 4])

@@ -1,26 +1,26 @@
 """Training and evaluation batches: every batch a pure function of (seed, step, process).
 
-Image sets (TFDS, read by random access through ``tfds`` data sources and grain, no TensorFlow).
-The training stream is one infinite ``grain.MapDataset`` whose element i is computed on demand,
-with no iterator state:
+Image sets (TFDS, read by random access through ``tfds`` data sources, no TensorFlow). The
+training stream is infinite and has no iterator state; its element i is
 
-    element i = augment_{aug_seed, i}(train[perm_e(i mod N)]),   epoch e = i // N,
+    element i = augment(train[perm_e(i mod N)], U_i),   epoch e = i // N,
 
-where ``perm_e`` is grain's ``shuffle``: a bijective index permutation (``index_shuffle``, a few
-Feistel-like rounds per index, no O(N) table) seeded with ``shuffle_seed + e`` once ``repeat``
-has made the stream infinite, so every epoch is a fresh permutation and stream elements
-[eN, (e+1)N) are exactly epoch e. ``augment`` (``random_map``) draws the optional horizontal
-flip and the dequantization noise from Philox keyed by ``(aug_seed, i)``. ``shuffle_seed`` and
-``aug_seed`` are hashed from ``seed`` (``np.random.SeedSequence``): grain seeds epoch e with
-``seed + e``, so unhashed, seed 1 would replay seed 0's epochs shifted by one.
+where ``perm_e`` is a permutation of [0, N) drawn afresh for every epoch from ``(shuffle_seed, e)``
+(NumPy's ``Generator.permutation``), so stream elements [eN, (e+1)N) are exactly epoch e in a
+fresh order, and ``U_i`` are element i's uniforms: counter-based Philox4x64 keyed by ``aug_seed``,
+the ``m`` consecutive counter blocks from ``i * m`` on (``m`` blocks hold one uniform per pixel for
+the dequantization noise plus one for the optional horizontal flip). Being counter-based, the
+uniforms of a whole slice of the stream come from one vectorised draw. ``shuffle_seed`` and
+``aug_seed`` are hashed from ``seed`` (``np.random.SeedSequence``).
 
-Global batch s is stream elements [sB, (s+1)B); process p of P owns the contiguous slice
-[sB + pb, sB + (p+1)b), b = B / P. Batching the stream by b and taking every P-th batch from
-``start_step * P + p`` yields exactly that slice for s = start_step, start_step + 1, ... Hence
-P processes together see the single-process batch (noise and flips included: they are keyed by
-stream position, not by process), resuming at ``start_step=k`` reproduces an uninterrupted run
-bitwise, and batches straddle epoch boundaries when B does not divide N (no example is dropped).
-grain's ``to_iter_dataset`` then prefetches the next batches in a few threads.
+Global batch s is stream elements [sB, (s+1)B); process p of P computes the contiguous slice
+[sB + pb, sB + (p+1)b), b = B / P, as one vectorised gather + augment. Hence P processes together
+see the single-process batch (noise and flips included: they are keyed by stream position, not by
+process), resuming at ``start_step=k`` reproduces an uninterrupted run bitwise, and batches
+straddle epoch boundaries when B does not divide N (no example is dropped). A split whose decoded
+pixels fit in ``IN_MEMORY_BYTES`` is read once into memory (digits, mnist, cifar10); larger ones
+are read per batch from the data source. grain (``MapDataset.range(...).map``) computes the next
+batches ahead in a few threads.
 
 Pixels u in {0..2^n - 1} map to [-1, 1] by uniform dequantization, x = -1 + 2 (u + U) / 2^n with
 U ~ U[0, 1) (``diffjax.likelihood.dequantize``'s convention and range, drawn here in NumPy on the
@@ -56,15 +56,20 @@ def get_spec(name: str) -> DatasetSpec:
     return SPECS[name]
 
 
-def augment(example: dict, rng: np.random.Generator, *, num_bits: int, dequantize: bool,
-            random_flip: bool) -> dict:
-    """Optional horizontal flip (p = 1/2), then the map to [-1, 1] (dequantized or bin centres)."""
-    image = example["image"]
-    if random_flip and rng.random() < 0.5:
-        image = image[:, ::-1]
-    noise = rng.random(image.shape, dtype=np.float32) if dequantize else None
-    x = to_data_range(np.asarray(image, np.float32), num_bits, noise)
-    return {"x": np.asarray(x, np.float32), "label": example["label"]}
+def augment(images: np.ndarray, u: np.ndarray, *, num_bits: int, dequantize: bool, random_flip: bool) -> np.ndarray:
+    """Stream elements from their pixels and uniforms: float32 x in [-1, 1].
+
+    ``images``: uint8 (b, H, W, C) (or any (b, *shape) without flips); ``u``: (b, prod(shape) + 1)
+    uniforms, the noise for each pixel then the flip's. The flip (p = 1/2, horizontal) comes first,
+    then the map to [-1, 1]: dequantized, or onto the bin centres.
+    """
+    x = images.astype(np.float32)
+    pixels = u.shape[1] - 1
+    if random_flip:
+        flip = u[:, pixels] < 0.5
+        x[flip] = x[flip][:, :, ::-1]
+    noise = u[:, :pixels].reshape(x.shape) if dequantize else None
+    return np.asarray(to_data_range(x, num_bits, noise), np.float32)
 
 
 def _stream_seeds(seed: int) -> tuple[int, int]:
@@ -116,16 +121,81 @@ def train_batches(
             raise ValueError(f"random_flip applies to images; {name!r} is a toy data set")
         return _toy_train_batches(name, global_batch_size, local, seed, start_step, process_index)
     shuffle_seed, aug_seed = _stream_seeds(seed)
-    entry = images.IMAGE_DATASETS[name]
-    stream = (
-        _decoded(entry, images.open_split(name, "train", data_dir))
-        .shuffle(seed=shuffle_seed)
-        .repeat()
-        .random_map(functools.partial(augment, num_bits=spec.num_bits, dequantize=dequantize,
-                                      random_flip=random_flip), seed=aug_seed)
-    )
-    batches = stream.batch(local)[start_step * process_count + process_index::process_count]
+    stream = _TrainStream(_Examples(images.IMAGE_DATASETS[name], images.open_split(name, "train", data_dir)),
+                          shuffle_seed, aug_seed, dequantize=dequantize, random_flip=random_flip)
+    import grain  # noqa: PLC0415
+
+    # global batch s, this process's slice: stream elements from s B + p b on
+    batches = grain.MapDataset.range(start_step, sys.maxsize).map(
+        lambda s: stream.batch(s * global_batch_size + process_index * local, local))
     return _prefetch(batches, num_threads)
+
+
+# a split is held in memory when its decoded pixels take at most this many bytes (per process)
+IN_MEMORY_BYTES = 2 << 30
+
+
+class _Examples:
+    """The decoded examples of a split, gathered by index arrays: from memory when the split fits."""
+
+    def __init__(self, entry, source):
+        self.entry, self.source, self.n = entry, source, len(source)
+        self.images = self.labels = None
+        if self.n * int(np.prod(entry.spec.shape)) <= IN_MEMORY_BYTES:
+            self.images, self.labels = self._read(np.arange(self.n))
+
+    def _read(self, index: np.ndarray):
+        decoded = [images.decode(self.entry, ex) for ex in self.source.__getitems__(index.tolist())]
+        return np.stack([d["image"] for d in decoded]), np.asarray([d["label"] for d in decoded], np.int32)
+
+    def take(self, index: np.ndarray):
+        """(uint8 images (b, *shape), int32 labels (b,)) of examples ``index``."""
+        if self.images is None:
+            return self._read(index)
+        return self.images[index], self.labels[index]
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(n: int, shuffle_seed: int, epoch: int) -> np.ndarray:
+    """perm_e: the order of epoch ``epoch`` (read-only; shared between the reading threads)."""
+    order = np.random.default_rng((shuffle_seed, epoch)).permutation(n)
+    order.flags.writeable = False
+    return order
+
+
+def stream_uniforms(seed: int, first: int, count: int, per_element: int) -> np.ndarray:
+    """U_i for stream elements first..first+count-1: float32 (count, per_element) in [0, 1).
+
+    Element i owns Philox4x64 counter blocks [i m, (i + 1) m), m = ceil(per_element / 4) (4 words
+    per block), so any slice is one contiguous draw; each word's top 24 bits give one uniform (exact
+    in float32).
+    """
+    m = -(-per_element // 4)
+    words = np.random.Philox(key=seed, counter=first * m).random_raw(count * m * 4)
+    return ((words >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)).reshape(count, 4 * m)[:, :per_element]
+
+
+class _TrainStream:
+    """Stream elements as vectorised slices: ``batch(first, size)`` is elements [first, first + size)."""
+
+    def __init__(self, examples: _Examples, shuffle_seed: int, aug_seed: int, *, dequantize: bool,
+                 random_flip: bool):
+        self.examples, self.shuffle_seed, self.aug_seed = examples, shuffle_seed, aug_seed
+        self.dequantize, self.random_flip = dequantize, random_flip
+        self.spec = examples.entry.spec
+
+    def batch(self, first: int, size: int) -> dict:
+        n = self.examples.n
+        epoch, pos = np.divmod(np.arange(first, first + size), n)
+        index = np.empty(size, np.int64)
+        for e in np.unique(epoch):
+            here = epoch == e
+            index[here] = _epoch_order(n, self.shuffle_seed, int(e))[pos[here]]
+        image, label = self.examples.take(index)
+        u = stream_uniforms(self.aug_seed, first, size, int(np.prod(self.spec.shape)) + 1)
+        x = augment(image, u, num_bits=self.spec.num_bits, dequantize=self.dequantize,
+                    random_flip=self.random_flip)
+        return {"x": x, "label": label}
 
 
 def _decoded(entry, source):
