@@ -42,6 +42,7 @@ def base():
     f.prediction = "v"
     f.objective = "v"
     f.weighting = "likelihood"  # objective "dsm" only
+    f.min_snr_gamma = config_dict.placeholder(float)  # objectives eps/x0/v: Min-SNR-gamma weighting (None: off)
     f.antithetic = True
     f.cond_drop_prob = 0.1  # used when model.num_classes is set
     f.learned_variance = False

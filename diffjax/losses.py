@@ -5,6 +5,9 @@ network through ``diffjax.parameterization`` (the network may predict any type):
 
 * ``"eps"``: L_simple = E ||eps_hat - eps||^2 (Ho et al. 2020 eq. 14)
 * ``"x0"``, ``"v"``: the same regression on x_0 or v = alpha eps - sigma x_0 (Salimans & Ho 2022)
+  All three are ||x0_hat - x0||^2 times a weight of t: SNR (eps), 1 (x0), (alpha^2 + sigma^2)^2 /
+  sigma^2 (v; SNR + 1 for VP). ``min_snr_gamma=gamma`` replaces that weight by min(SNR, gamma)
+  (Min-SNR-gamma, Hang et al. 2023 sec. 3.4), whichever of the three is regressed.
 * ``"dsm"``: weighted denoising score matching E[w(t) ||s_hat - grad log q(x_t|x_0)||^2]
   (Song et al. 2021 eq. 7) with ``weighting="likelihood"``: w = g(t)^2, which makes
   1/2 (T - t_eps) E[...] (summed over dims) the score-matching bound on -log p of Song et al.
@@ -41,6 +44,8 @@ from diffjax.schedules import DiscreteDDPM, Schedule, broadcast_time
 __all__ = ["OBJECTIVES", "make_loss", "make_classifier_loss", "label_log_prob", "sample_times", "drop_condition", "split_variance", "prediction_only"]
 
 OBJECTIVES = ("eps", "x0", "v", "dsm", "vlb", "hybrid")
+# sigma^2 times each regression objective's weight on ||x0_hat - x0||^2 (module docstring)
+_X0_WEIGHT_DENOM = {"eps": lambda a2, s2: a2, "x0": lambda a2, s2: s2, "v": lambda a2, s2: (a2 + s2) ** 2}
 _LN2 = math.log(2.0)
 
 
@@ -120,6 +125,7 @@ def make_loss(
     cond_drop_prob: float = 0.0,
     null_label: Optional[int] = None,
     learned_variance: bool = False,
+    min_snr_gamma: Optional[float] = None,
     vlb_variance: str = "posterior",
     vlb_weight: float = 0.001,
     decoder: str = "discretized",
@@ -157,6 +163,11 @@ def make_loss(
         raise ValueError(f"decoder must be 'discretized' or 'gaussian'; got {decoder!r}")
     if vlb_weight < 0:
         raise ValueError(f"vlb_weight must be >= 0; got {vlb_weight}")
+    if min_snr_gamma is not None and objective not in _X0_WEIGHT_DENOM:
+        raise ValueError(f"min_snr_gamma weights the regression objectives {tuple(_X0_WEIGHT_DENOM)}; "
+                         f"got objective={objective!r}")
+    if min_snr_gamma is not None and not min_snr_gamma > 0:
+        raise ValueError(f"min_snr_gamma must be > 0; got {min_snr_gamma}")
     t_lo, t_hi = _time_range(schedule, t_eps)
 
     def loss_fn(params, batch, key):
@@ -195,6 +206,11 @@ def make_loss(
         else:
             target = from_x0_eps(Denoised(x0, eps), objective, x_t, t, schedule)
             err = (from_x0_eps(d, objective, x_t, t, schedule) - target) ** 2
+            if min_snr_gamma is not None:
+                tb = broadcast_time(t, x0)
+                a2, s2 = schedule._alpha(tb) ** 2, schedule._sigma2(tb)
+                # min(SNR, gamma) / weight = min(alpha^2, gamma sigma^2) / (sigma^2 weight): finite at sigma -> 0
+                err = err * jnp.minimum(a2, min_snr_gamma * s2) / _X0_WEIGHT_DENOM[objective](a2, s2)
         return err.reshape(x0.shape[0], -1)
 
     def _vlb_loss(d, frac, x0, x_t, t, eps):

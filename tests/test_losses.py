@@ -58,6 +58,28 @@ def test_likelihood_weighting_closed_form():
     chex.assert_trees_all_close(aux["loss_per_example"], expected, rtol=1e-4)
 
 
+@pytest.mark.parametrize("sname", ["vp", "subvp", "ve", "ddpm"])
+def test_min_snr_weighting_closed_form(sname):
+    """Min-SNR-gamma: each regression objective becomes min(SNR, gamma) ||x0_hat - x0||^2, whichever is
+    regressed (so eps, x0 and v agree), and gamma -> inf gives back plain eps-MSE."""
+    s = {"vp": diffjax.VPLinear(), "subvp": diffjax.SubVP(), "ve": diffjax.VE(),
+         "ddpm": diffjax.DiscreteDDPM.cosine()}[sname]
+    model = _oracle_model(s)
+    x, _ = RING.sample(KEY, 256)
+    params, gamma = {"delta": 0.07}, 5.0
+    per_example = {o: make_loss(model, s, objective=o, min_snr_gamma=gamma, reduce="sum")(params, {"x": x}, KEY)[1]
+                   for o in ("eps", "x0", "v")}
+    _, plain_x0 = make_loss(model, s, objective="x0", reduce="sum")(params, {"x": x}, KEY)
+    t = plain_x0["t"]
+    snr = jnp.exp(2.0 * s.log_snr(t))
+    expected = jnp.minimum(snr, gamma) * plain_x0["loss_per_example"]
+    for o in ("eps", "x0", "v"):
+        chex.assert_trees_all_close(per_example[o]["loss_per_example"], expected, rtol=2e-4, atol=1e-7)
+    assert float(jnp.max(snr)) > gamma > float(jnp.min(snr))  # both branches of the min are exercised
+    huge = make_loss(model, s, objective="eps", min_snr_gamma=1e30)(params, {"x": x}, KEY)[0]
+    chex.assert_trees_all_close(huge, make_loss(model, s, objective="eps")(params, {"x": x}, KEY)[0], rtol=1e-6)
+
+
 def test_antithetic_and_discrete_times():
     t = sample_times(KEY, 9, 0.01, 1.0, antithetic=True)
     chex.assert_trees_all_close(t[:4] + t[5:9], jnp.full(4, 1.01), rtol=1e-6)
@@ -102,6 +124,8 @@ def test_loss_gradient_and_conditioning():
         (dict(cond_drop_prob=0.1), "null_label"),
         (dict(prediction="noise"), "prediction"),
         (dict(t_eps=2.0), "t_eps"),
+        (dict(objective="dsm", min_snr_gamma=5.0), "min_snr_gamma"),
+        (dict(min_snr_gamma=0.0), "min_snr_gamma"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -78,6 +78,11 @@ def validate_config(config, num_devices: int | None = None) -> None:
         _fail("diffusion.prediction", f"must be one of {PREDICTION_TYPES}; got {d.prediction!r}")
     if d.objective not in OBJECTIVES:
         _fail("diffusion.objective", f"must be one of {OBJECTIVES}; got {d.objective!r}")
+    gamma = d.get("min_snr_gamma")
+    if gamma is not None and not (isinstance(gamma, (int, float)) and gamma > 0):
+        _fail("diffusion.min_snr_gamma", f"must be > 0 (or None: off); got {gamma!r}")
+    if gamma is not None and d.objective not in ("eps", "x0", "v"):
+        _fail("diffusion.min_snr_gamma", f"weights the objectives eps, x0, v; got objective {d.objective!r}")
     o = config.optim
     if not (isinstance(o.learning_rate, (int, float)) and o.learning_rate > 0):
         _fail("optim.learning_rate", f"must be > 0; got {o.learning_rate!r}")
@@ -178,7 +183,8 @@ def build_loss(config, schedule, module):
     else:
         num_classes = config.model.get("num_classes")
         kwargs = dict(prediction=d.prediction, objective=d.objective, weighting=d.weighting,
-                      antithetic=d.antithetic, learned_variance=d.get("learned_variance", False))
+                      antithetic=d.antithetic, learned_variance=d.get("learned_variance", False),
+                      min_snr_gamma=d.get("min_snr_gamma"))
         if num_classes is not None and d.cond_drop_prob > 0:
             kwargs.update(cond_drop_prob=d.cond_drop_prob, null_label=num_classes)
         make = functools.partial(make_loss, schedule=schedule, **kwargs)
