@@ -42,7 +42,9 @@ def base():
     f.prediction = "v"
     f.objective = "v"
     f.weighting = "likelihood"  # objective "dsm" only
-    f.min_snr_gamma = config_dict.placeholder(float)  # objectives eps/x0/v: Min-SNR-gamma weighting (None: off)
+    # Min-SNR-gamma weighting (objectives eps/x0/v; None: off). Digits, 400 steps, two training seeds:
+    # FD 51.5 / 54.5 with gamma = 5 vs 83.2 / 75.7 without (gamma = 2: 52.9)
+    f.min_snr_gamma = config_dict.FieldReference(5.0, field_type=float)
     f.antithetic = True
     f.cond_drop_prob = 0.1  # used when model.num_classes is set
     f.learned_variance = False

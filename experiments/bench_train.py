@@ -105,6 +105,7 @@ def make_config(size: str, objective: str = "eps"):
     c.training.batch_size = s["batch"]
     d = c.diffusion
     d.prediction = d.objective = objective
+    d.min_snr_gamma = None  # the peer's plain MSE on the target
     # what the torch peer re-implements; fail loudly if base() moves outside it
     if d.schedule != "vp_linear" or d.learned_variance or c.model.num_classes is not None \
             or c.optim.optimizer != "adam" or c.model.name != "unet":

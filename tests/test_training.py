@@ -83,7 +83,7 @@ def test_toy_training_drives_loss_down_and_samples_to_the_data(tmp_path):
 
     oracle = ring().model_fn(run.schedule, c.diffusion.prediction)
     bayes_fn = make_loss(lambda p, x_, t, cond: oracle(x_, t, None), run.schedule, prediction=c.diffusion.prediction,
-                         objective=c.diffusion.objective, antithetic=True)
+                         objective=c.diffusion.objective, min_snr_gamma=c.diffusion.min_snr_gamma, antithetic=True)
     bayes = float(bayes_fn({}, {"x": ring().sample(jax.random.PRNGKey(8), 50_000)[0]}, key)[0])
     assert losses[-100:].mean() - bayes < 0.5 * (losses[:50].mean() - bayes), (losses[:50].mean(), losses[-100:].mean(), bayes)
     sw_init = float(sliced_wasserstein(x_init, ref, key))

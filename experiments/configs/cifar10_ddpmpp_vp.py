@@ -25,6 +25,7 @@ def get_config():
     c.diffusion.beta_min, c.diffusion.beta_max = 0.1, 20.0
     c.diffusion.antithetic = False
     c.diffusion.prediction = c.diffusion.objective = "eps"  # score_sde: eps-matching (L_simple)
+    c.diffusion.min_snr_gamma = None  # score_sde's unweighted L_simple
     c.optim.learning_rate = 2e-4
     c.optim.warmup_steps = 5000
     c.optim.grad_clip = 1.0
