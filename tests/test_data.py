@@ -184,6 +184,15 @@ def test_split_read_per_batch_equals_in_memory(data_dir, monkeypatch):
     assert reads and max(reads) == 128  # never the whole split
 
 
+def test_augment_names_bad_shapes():
+    images_ = np.zeros((4, 8, 8, 1), np.uint8)
+    with pytest.raises(ValueError, match="u must have shape"):
+        pipeline.augment(images_, np.zeros((4, 64), np.float32), num_bits=8, dequantize=True, random_flip=False)
+    with pytest.raises(ValueError, match="random_flip"):
+        pipeline.augment(np.zeros((4, 64), np.uint8), np.zeros((4, 65), np.float32), num_bits=8,
+                         dequantize=True, random_flip=True)
+
+
 def test_stream_uniforms_are_per_element_and_sliceable():
     """Element i's uniforms do not depend on which slice draws them; they lie in [0, 1) and look uniform."""
     whole = pipeline.stream_uniforms(7, 0, 300, 65)

@@ -63,8 +63,13 @@ def augment(images: np.ndarray, u: np.ndarray, *, num_bits: int, dequantize: boo
     uniforms, the noise for each pixel then the flip's. The flip (p = 1/2, horizontal) comes first,
     then the map to [-1, 1]: dequantized, or onto the bin centres.
     """
+    pixels = int(np.prod(images.shape[1:]))
+    if u.shape != (len(images), pixels + 1):
+        raise ValueError(f"u must have shape (batch, pixels + 1) = {(len(images), pixels + 1)} for images of "
+                         f"shape {images.shape}; got {u.shape}")
+    if random_flip and images.ndim != 4:
+        raise ValueError(f"random_flip needs images of shape (b, H, W, C); got {images.shape}")
     x = images.astype(np.float32)
-    pixels = u.shape[1] - 1
     if random_flip:
         flip = u[:, pixels] < 0.5
         x[flip] = x[flip][:, :, ::-1]
