@@ -160,12 +160,33 @@ def test_invalid_config_fields_are_named(field, value, match):
         validate_config(c, num_devices=8)
 
 
+def test_none_overrides_switch_off_optional_fields_only():
+    """``--config.<field>=none`` sets an optional field to None (ml_collections alone would parse float("none"))."""
+    from absl import app
+
+    from diffjax.main import apply_none_overrides, split_none_overrides
+
+    argv, paths = split_none_overrides(["prog", "--config.diffusion.min_snr_gamma=None", "--config.seed=1",
+                                        "--config.model.num_classes=none", "--workdir=none"])
+    assert argv == ["prog", "--config.seed=1", "--workdir=none"]
+    assert paths == ["diffusion.min_snr_gamma", "model.num_classes"]
+    c = base()
+    c.model.num_classes = 10
+    c.lock()
+    apply_none_overrides(c, paths)
+    assert c.diffusion.min_snr_gamma is None and c.model.num_classes is None
+    for path, match in [("model.ch", "config.model.ch is not optional"), ("model.nope", "config.model.nope does not"),
+                        ("nope.x", "config.nope does not")]:
+        with pytest.raises(app.UsageError, match=match):
+            apply_none_overrides(c, [path])
+
+
 def test_main_job_writes_its_files_and_resumes(tmp_path):
     """The CLI end to end on a tiny digits model: files, metrics.json keys, and resume on rerun."""
     workdir = str(tmp_path / "run")
     args = [sys.executable, "-m", "diffjax.main", "--workdir", workdir, "--noprogress",
             "--config.model.ch=8", "--config.model.num_res_blocks=1", "--config.model.dropout=0.0",
-            "--config.training.batch_size=16",
+            "--config.training.batch_size=16", "--config.diffusion.min_snr_gamma=None",
             "--config.training.log_every=2", "--config.training.checkpoint_every=2",
             "--config.sample.num_steps=4", "--config.sample.num_samples=8",
             "--config.eval.num_examples=8", "--config.eval.batch_size=8"]
