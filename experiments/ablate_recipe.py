@@ -1,0 +1,143 @@
+"""Training-recipe ablation on digits: Fréchet distance of 1000 samples after a fixed number of steps.
+
+    python experiments/ablate_recipe.py --steps 400 --cells v,v_minsnr5 --train-seeds 0,1
+    python experiments/ablate_recipe.py --steps 2100 --cells v_minsnr5,eps [--write-benchmarks]
+
+Each cell is the default digits main job (``experiments/configs/digits.py``) with a few config
+overrides (``CELLS``), trained from scratch for ``--steps`` steps per training seed (``config.seed``),
+then sampled with the config's sampler (DPM-Solver++ 2M) at ``--nfe`` from the EMA weights, once per
+sampling seed. Score: the Fréchet distance to the train split in the independent digits evaluator's
+feature space (as ``bench_quality.py``). A fixed step count makes the comparison independent of the
+machine's speed and load, so cells may run side by side; training is deterministic given the seed.
+
+Rows accumulate in ``experiments/results/ablate_recipe.jsonl`` (one per cell x steps x training
+seed; a re-run replaces its row) so that cells can be run in separate invocations;
+``--write-benchmarks`` renders every stored row into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+RESULTS = os.path.join(HERE, "results", "ablate_recipe.jsonl")
+
+_EPS = ["--config.diffusion.prediction=eps", "--config.diffusion.objective=eps"]
+CELLS = {
+    "v_minsnr5": [],  # the default: v-prediction, v-objective weighted by Min-SNR-5
+    "v": ["--config.diffusion.min_snr_gamma=none"],  # plain v-MSE
+    "v_minsnr2": ["--config.diffusion.min_snr_gamma=2"],
+    "v_minsnr20": ["--config.diffusion.min_snr_gamma=20"],
+    "eps": _EPS + ["--config.diffusion.min_snr_gamma=none"],  # L_simple (Ho et al.), the diffusers peer's loss
+    "eps_minsnr5": _EPS,
+    "v_minsnr5_ema999": ["--config.optim.ema_decay=0.999"],
+    "v_minsnr5_lr1e-3": ["--config.optim.learning_rate=1e-3"],
+}
+
+
+def run_cell(cell, steps, train_seed, nfe, num_samples, sample_seeds, evaluator, ref):
+    from diffjax import metrics
+    from diffjax.generate import _load_run, draw, guided_model_fn
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "diffjax.main", "--config", os.path.join(HERE, "configs", "digits.py"),
+               "--workdir", tmp, "--noprogress", f"--config.training.num_steps={steps}",
+               f"--config.seed={train_seed}", "--config.eval.num_examples=0",
+               "--config.training.checkpoint_every=100000", "--config.training.log_every=50", *CELLS[cell]]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        train_wall = time.perf_counter() - t0
+        m = json.load(open(os.path.join(tmp, "metrics.json")))
+        run = _load_run(tmp, "diffusion")
+        xs = [draw(run, guided_model_fn(run), num_samples, method=run.config.sample.method, num_steps=nfe,
+                   seed=s)[0] for s in sample_seeds]
+    fds = [metrics.frechet_distance_from_features(evaluator.features(x), ref) for x in xs]
+    return dict(cell=cell, overrides=CELLS[cell], steps=steps, train_seed=train_seed, nfe=nfe,
+                num_samples=num_samples, sample_seeds=list(sample_seeds), fds=[float(f) for f in fds],
+                fd=float(np.mean(fds)), final_loss=m["final_loss"], train_wall_s=train_wall,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+
+
+def load_rows():
+    if not os.path.exists(RESULTS):
+        return []
+    with open(RESULTS) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def store(row):
+    key = lambda r: (r["cell"], r["steps"], r["train_seed"], r["nfe"], r["num_samples"])  # noqa: E731
+    rows = [r for r in load_rows() if key(r) != key(row)] + [row]
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def render(rows):
+    lines = ["Fréchet distance to the train split (independent digits evaluator, lower is better) of "
+             "`num_samples` samples per sampling seed, DPM-Solver++ 2M at the NFE shown, EMA weights; "
+             "per training seed: mean over sampling seeds [min, max]. Rows from "
+             "`experiments/results/ablate_recipe.jsonl` (its `date` field says when each was run).", "",
+             "| steps | cell | overrides | FD per training seed | mean over training seeds | final loss | samples x seeds | NFE |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["steps"], r["cell"], r["nfe"], r["num_samples"]), []).append(r)
+    for (steps, cell, nfe, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], np.mean([r["fd"] for r in kv[1]]))):
+        rs = sorted(rs, key=lambda r: r["train_seed"])
+        per = "; ".join(f"seed {r['train_seed']}: {r['fd']:.1f} [{min(r['fds']):.1f}, {max(r['fds']):.1f}]" for r in rs)
+        over = " ".join(f"`{o.removeprefix('--config.')}`" for o in rs[0]["overrides"]) or "(default)"
+        lines.append(f"| {steps} | {cell} | {over} | {per} | {np.mean([r['fd'] for r in rs]):.1f} | "
+                     f"{np.mean([r['final_loss'] for r in rs]):.3f} | {n} x {len(rs[0]['sample_seeds'])} | {nfe} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--cells", default="v_minsnr5,v", help=f"comma-separated, of {sorted(CELLS)}")
+    p.add_argument("--train-seeds", default="0")
+    p.add_argument("--sample-seeds", default="0,1")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--nfe", type=int, default=20)
+    p.add_argument("--write-benchmarks", action="store_true", help="render every stored row into BENCHMARKS.md")
+    args = p.parse_args(argv)
+    cells = [c for c in args.cells.split(",") if c]
+    unknown = [c for c in cells if c not in CELLS]
+    if unknown:
+        p.error(f"--cells: unknown {unknown}; known: {sorted(CELLS)}")
+
+    from diffjax import evaluators
+    from guidance_sweep import real_split
+
+    evaluator = evaluators.digits_evaluator()
+    ref = evaluator.features(real_split("train")[0])
+    seeds = [int(s) for s in args.sample_seeds.split(",")]
+    for cell in cells:
+        for train_seed in [int(s) for s in args.train_seeds.split(",")]:
+            try:
+                row = run_cell(cell, args.steps, train_seed, args.nfe, args.num_samples, seeds, evaluator, ref)
+            except subprocess.CalledProcessError as e:
+                raise SystemExit(f"cell {cell} (seed {train_seed}) failed:\n{e.stderr.decode()[-3000:]}") from None
+            store(row)
+            print(json.dumps(row), flush=True)
+    table = render(load_rows())
+    print(table)
+    if args.write_benchmarks:
+        from benchlib import write_section
+
+        write_section("recipe", table, "python experiments/ablate_recipe.py " + " ".join(argv or sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    main()
