@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,39 +32,79 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 RESULTS = os.path.join(HERE, "results", "ablate_recipe.jsonl")
 
-_EPS = ["--config.diffusion.prediction=eps", "--config.diffusion.objective=eps"]
+_EPS = {"diffusion.prediction": "eps", "diffusion.objective": "eps"}
+# cell -> config fields set on top of experiments/configs/digits.py (None switches an optional field
+# off; a field the schema lacks, e.g. a model attribute, is added); "diffusers" is the quality peer
 CELLS = {
-    "v_minsnr5": [],  # the default: v-prediction, v-objective weighted by Min-SNR-5
-    "v": ["--config.diffusion.min_snr_gamma=none"],  # plain v-MSE
-    "v_minsnr2": ["--config.diffusion.min_snr_gamma=2"],
-    "v_minsnr20": ["--config.diffusion.min_snr_gamma=20"],
-    "eps": _EPS + ["--config.diffusion.min_snr_gamma=none"],  # L_simple (Ho et al.), the diffusers peer's loss
+    "v_minsnr5": {},  # the default: v-prediction, v-objective weighted by Min-SNR-5
+    "v": {"diffusion.min_snr_gamma": None},  # plain v-MSE
+    "v_minsnr2": {"diffusion.min_snr_gamma": 2.0},
+    "v_minsnr20": {"diffusion.min_snr_gamma": 20.0},
+    "eps": {**_EPS, "diffusion.min_snr_gamma": None},  # L_simple (Ho et al.), the diffusers peer's loss
     "eps_minsnr5": _EPS,
-    "v_minsnr5_ema999": ["--config.optim.ema_decay=0.999"],
-    "v_minsnr5_lr1e-3": ["--config.optim.learning_rate=1e-3"],
+    "v_minsnr5_ema999": {"optim.ema_decay": 0.999},
+    "v_minsnr5_lr1e-3": {"optim.learning_rate": 1e-3},
+    "no_skip_rescale": {"model.skip_rescale": False},  # residual sums not divided by sqrt(2)
+    "no_zero_init": {"model.zero_init": False},  # residual branches and output conv not zero-initialised
+    "groups8": {"model.num_groups": 8},  # GroupNorm groups as the peer (DDPM++ rule: C // 4 up to 32)
+    "diffusers_like": {"model.skip_rescale": False, "model.zero_init": False, "model.num_groups": 8},
+    "diffusers": None,  # experiments/peers/diffusers_quality_peer.py for the same number of steps
 }
 
 
-def run_cell(cell, steps, train_seed, nfe, num_samples, sample_seeds, evaluator, ref):
-    from diffjax import metrics
+def cell_config(cell: str, path: str) -> str:
+    """Write a config file for ``cell`` (the digits config plus the cell's fields) to ``path``."""
+    lines = ["from diffjax.config import load", "", "", "def get_config():",
+             f"    c = load({os.path.join(HERE, 'configs', 'digits.py')!r})"]
+    for field, value in CELLS[cell].items():
+        *parents, name = field.split(".")
+        lines.append(f"    c{''.join(f'.{p}' for p in parents)}[{name!r}] = {value!r}")
+    lines.append("    return c")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def train_diffjax(cell, steps, train_seed, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    cmd = [sys.executable, "-m", "diffjax.main", "--config", cell_config(cell, os.path.join(workdir, "cell_config.py")),
+           "--workdir", workdir, "--noprogress", f"--config.training.num_steps={steps}",
+           f"--config.seed={train_seed}", "--config.eval.num_examples=0",
+           "--config.training.checkpoint_every=100000", "--config.training.log_every=50"]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return json.load(open(os.path.join(workdir, "metrics.json")))["final_loss"]
+
+
+def sample_diffjax(workdir, nfe, num_samples, sample_seeds):
     from diffjax.generate import _load_run, draw, guided_model_fn
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "diffjax.main", "--config", os.path.join(HERE, "configs", "digits.py"),
-               "--workdir", tmp, "--noprogress", f"--config.training.num_steps={steps}",
-               f"--config.seed={train_seed}", "--config.eval.num_examples=0",
-               "--config.training.checkpoint_every=100000", "--config.training.log_every=50", *CELLS[cell]]
+    run = _load_run(workdir, "diffusion")
+    return [draw(run, guided_model_fn(run), num_samples, method=run.config.sample.method, num_steps=nfe,
+                 seed=s)[0] for s in sample_seeds]
+
+
+def run_cell(cell, steps, train_seed, nfe, num_samples, sample_seeds, evaluator, ref, keep=None):
+    from bench_quality import run_diffusers
+    from diffjax import metrics
+    from guidance_sweep import real_split
+
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = os.path.join(keep, f"{cell}_steps{steps}_seed{train_seed}") if keep else os.path.join(scratch, "run")
+        shutil.rmtree(workdir, ignore_errors=True)  # a kept run would resume, not retrain
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        train_wall = time.perf_counter() - t0
-        m = json.load(open(os.path.join(tmp, "metrics.json")))
-        run = _load_run(tmp, "diffusion")
-        xs = [draw(run, guided_model_fn(run), num_samples, method=run.config.sample.method, num_steps=nfe,
-                   seed=s)[0] for s in sample_seeds]
+        if CELLS[cell] is None:
+            os.makedirs(workdir)
+            xs, info = run_diffusers(float("inf"), workdir, nfe, num_samples, sample_seeds, real_split("train")[0],
+                                     seed=train_seed, max_steps=steps)
+            final_loss = info["final_loss"]
+        else:
+            final_loss = train_diffjax(cell, steps, train_seed, workdir)
+            xs = sample_diffjax(workdir, nfe, num_samples, sample_seeds)
+        wall = time.perf_counter() - t0
     fds = [metrics.frechet_distance_from_features(evaluator.features(x), ref) for x in xs]
-    return dict(cell=cell, overrides=CELLS[cell], steps=steps, train_seed=train_seed, nfe=nfe,
+    return dict(cell=cell, fields=CELLS[cell], steps=steps, train_seed=train_seed, nfe=nfe,
                 num_samples=num_samples, sample_seeds=list(sample_seeds), fds=[float(f) for f in fds],
-                fd=float(np.mean(fds)), final_loss=m["final_loss"], train_wall_s=train_wall,
+                fd=float(np.mean(fds)), final_loss=final_loss, wall_s=wall,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
 
@@ -87,7 +128,7 @@ def render(rows):
              "`num_samples` samples per sampling seed, DPM-Solver++ 2M at the NFE shown, EMA weights; "
              "per training seed: mean over sampling seeds [min, max]. Rows from "
              "`experiments/results/ablate_recipe.jsonl` (its `date` field says when each was run).", "",
-             "| steps | cell | overrides | FD per training seed | mean over training seeds | final loss | samples x seeds | NFE |",
+             "| steps | cell | config fields | FD per training seed | mean over training seeds | final loss | samples x seeds | NFE |",
              "|---|---|---|---|---|---|---|---|"]
     groups = {}
     for r in rows:
@@ -95,7 +136,9 @@ def render(rows):
     for (steps, cell, nfe, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], np.mean([r["fd"] for r in kv[1]]))):
         rs = sorted(rs, key=lambda r: r["train_seed"])
         per = "; ".join(f"seed {r['train_seed']}: {r['fd']:.1f} [{min(r['fds']):.1f}, {max(r['fds']):.1f}]" for r in rs)
-        over = " ".join(f"`{o.removeprefix('--config.')}`" for o in rs[0]["overrides"]) or "(default)"
+        fields = rs[0]["fields"]
+        over = ("the diffusers peer (DDPM eps-MSE, UNet2DModel)" if fields is None else
+                " ".join(f"`{k}={v}`" for k, v in fields.items()) or "(the digits config)")
         lines.append(f"| {steps} | {cell} | {over} | {per} | {np.mean([r['fd'] for r in rs]):.1f} | "
                      f"{np.mean([r['final_loss'] for r in rs]):.3f} | {n} x {len(rs[0]['sample_seeds'])} | {nfe} |")
     return "\n".join(lines)
@@ -109,6 +152,7 @@ def main(argv=None):
     p.add_argument("--sample-seeds", default="0,1")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--nfe", type=int, default=20)
+    p.add_argument("--keep", help="keep each cell's workdir (checkpoint, samples.png) under this directory")
     p.add_argument("--write-benchmarks", action="store_true", help="render every stored row into BENCHMARKS.md")
     args = p.parse_args(argv)
     cells = [c for c in args.cells.split(",") if c]
@@ -125,9 +169,10 @@ def main(argv=None):
     for cell in cells:
         for train_seed in [int(s) for s in args.train_seeds.split(",")]:
             try:
-                row = run_cell(cell, args.steps, train_seed, args.nfe, args.num_samples, seeds, evaluator, ref)
+                row = run_cell(cell, args.steps, train_seed, args.nfe, args.num_samples, seeds, evaluator, ref,
+                               keep=args.keep)
             except subprocess.CalledProcessError as e:
-                raise SystemExit(f"cell {cell} (seed {train_seed}) failed:\n{e.stderr.decode()[-3000:]}") from None
+                raise SystemExit(f"cell {cell} (seed {train_seed}) failed:\n{(e.stderr or b'').decode()[-3000:]}") from None
             store(row)
             print(json.dumps(row), flush=True)
     table = render(load_rows())

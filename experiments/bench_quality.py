@@ -55,12 +55,13 @@ def run_diffjax(budget, workdir, nfe, num_samples, seeds):
                          method=run.config.sample.method, n_params=metrics["num_params"])
 
 
-def run_diffusers(budget, workdir, nfe, num_samples, seeds, train_images):
+def run_diffusers(budget, workdir, nfe, num_samples, seeds, train_images, seed=0, max_steps=None):
     from diffjax.config import base
 
     c = base()
     np.save(os.path.join(workdir, "train.npy"), train_images)
-    spec = dict(train_path=os.path.join(workdir, "train.npy"), budget_seconds=budget, seed=0, sample_seeds=seeds,
+    spec = dict(train_path=os.path.join(workdir, "train.npy"), budget_seconds=budget, max_steps=max_steps, seed=seed,
+                sample_seeds=seeds,
                 num_samples=num_samples, nfe=nfe, batch_size=c.training.batch_size,
                 learning_rate=c.optim.learning_rate, warmup_steps=c.optim.warmup_steps, grad_clip=c.optim.grad_clip,
                 ema_decay=c.optim.ema_decay, ch=c.model.ch, ch_mult=list(c.model.ch_mult),
@@ -73,7 +74,7 @@ def run_diffusers(budget, workdir, nfe, num_samples, seeds, train_images):
     info = json.load(open(os.path.join(out, "info.json")))
     samples = [np.load(os.path.join(out, f"samples_{s}.npy")) for s in seeds]
     return samples, dict(steps=info["steps"], train_seconds=info["train_seconds"], nfe=info["nfe"],
-                         method="DPMSolverMultistep", n_params=info["n_params"])
+                         method="DPMSolverMultistep", n_params=info["n_params"], final_loss=info["final_loss"])
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 import os
 
 import chex
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,6 +108,22 @@ def test_unet_forward_values(tiny):
     assert float(jnp.max(jnp.abs(out))) == 0.0
     out = tiny["f"](tiny["perturbed"], tiny["x"], jnp.full((4,), 0.5), LABELS)
     assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.std(out)) > 0
+
+
+def test_unet_zero_init_switch():
+    """zero_init: the last layer of every residual branch and the output conv start at 0 (DDPM++), or not."""
+    cfg = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+    flat = {z: flax.traverse_util.flatten_dict(init_params(UNet(**cfg, zero_init=z), KEY, (2, 8, 8, 1))["params"])
+            for z in (True, False)}
+    assert jax.tree.map(jnp.shape, flat[True]) == jax.tree.map(jnp.shape, flat[False])
+    last = [k for k in flat[True] if k[-1] == "kernel" and (k[-2] in ("conv1", "out", "conv_out"))]
+    # residual blocks: down 2 + downsample 1 + mid 2 + up 4 + upsample 1; attentions: down 1 + mid 1 + up 2; conv_out
+    assert len(last) == 10 + 4 + 1
+    for k in last:
+        assert float(jnp.max(jnp.abs(flat[True][k]))) == 0.0, k
+        assert float(jnp.std(flat[False][k])) > 0.0, k
+    others = [k for k in flat[True] if k[-1] == "kernel" and k not in last]
+    assert all(float(jnp.std(flat[True][k])) > 0.0 for k in others)
 
 
 def test_mlp_output_shape_and_zero_init(mlp):

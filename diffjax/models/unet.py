@@ -84,7 +84,8 @@ class ResBlock(nn.Module):
 
     ``scale_shift``: h = GroupNorm(h) (1 + s) + b with (s, b) from the embedding (FiLM; ADM's
     use_scale_shift_norm); otherwise the embedding is added before the second norm (DDPM).
-    The second conv is zero-initialised so the block starts as the identity (up to rescaling).
+    ``zero_init``: the second conv is zero-initialised so the block starts as the identity (up to
+    rescaling; DDPM++'s init_scale=0); otherwise it gets the default init.
     """
 
     out_ch: int
@@ -94,6 +95,7 @@ class ResBlock(nn.Module):
     skip_rescale: bool = True
     up: bool = False
     down: bool = False
+    zero_init: bool = True
 
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
@@ -112,7 +114,7 @@ class ResBlock(nn.Module):
         else:
             h = _norm(self.out_ch, self.num_groups, "norm1", act="silu")(h + e, train)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = _conv(self.out_ch, zero=True, name="conv1")(h, train)
+        h = _conv(self.out_ch, zero=self.zero_init, name="conv1")(h, train)
         if in_ch != self.out_ch or self.up or self.down:  # as in ResnetBlockBigGANpp
             x = _conv(self.out_ch, kernel=1, name="skip")(x, train)
         out = x + h
@@ -125,6 +127,7 @@ class AttnBlock(nn.Module):
     num_heads: int = 1
     num_groups: Optional[int] = None
     skip_rescale: bool = True
+    zero_init: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -136,7 +139,7 @@ class AttnBlock(nn.Module):
         qkv = nn.Dense(3 * c, kernel_init=default_init(), name="qkv")(h)
         q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3 * self.num_heads, d), 3, axis=2)
         a = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
-        out = x + nn.Dense(c, kernel_init=_ZERO, name="out")(a).reshape(b, hgt, wid, c)
+        out = x + nn.Dense(c, kernel_init=_ZERO if self.zero_init else default_init(), name="out")(a).reshape(b, hgt, wid, c)
         return out / math.sqrt(2.0) if self.skip_rescale else out
 
 
@@ -172,6 +175,9 @@ class UNet(nn.Module):
         stride-2 conv / nearest resize + conv.
       skip_rescale: divide every residual sum by sqrt(2) (DDPM++).
       scale_shift: FiLM conditioning GroupNorm(h) (1 + s) + b (ADM) instead of adding the embedding.
+      zero_init: zero-initialise the last layer of every residual branch (second conv of a
+        residual block, attention output) and the output conv (DDPM++/ADM); False: the default
+        init there too (as diffusers' ``UNet2DModel``).
       num_groups: GroupNorm groups for every norm (each channel count must be divisible by it);
         None means ``default_num_groups(C)`` per channel count C: min(32, C // 4) as in DDPM++,
         lowered to the nearest divisor of C where that does not divide C.
@@ -193,6 +199,7 @@ class UNet(nn.Module):
     resblock_updown: bool = True
     skip_rescale: bool = True
     scale_shift: bool = False
+    zero_init: bool = True
     num_groups: Optional[int] = None
     out_channels: Optional[int] = None
 
@@ -286,10 +293,11 @@ class UNet(nn.Module):
 
     def _resblock(self, h, emb, c, name, train, up=False, down=False):
         return ResBlock(c, self.num_groups, self.dropout, self.scale_shift, self.skip_rescale,
-                        up=up, down=down, name=name)(h, emb, train)
+                        up=up, down=down, zero_init=self.zero_init, name=name)(h, emb, train)
 
     def _attn(self, h, name, train):
-        return AttnBlock(self._heads(h.shape[-1]), self.num_groups, self.skip_rescale, name=name)(h, train)
+        return AttnBlock(self._heads(h.shape[-1]), self.num_groups, self.skip_rescale, self.zero_init,
+                         name=name)(h, train)
 
     def _encode(self, x, t, cond, train):
         """The conditioning vector, input conv, down path and middle block: (h, skips, emb, resolutions).
@@ -341,7 +349,7 @@ class UNet(nn.Module):
         assert not skips
 
         h = _norm(h.shape[-1], self.num_groups, "norm_out", act="silu")(h, train)
-        return _conv(out_ch, zero=True, name="conv_out")(h, train)
+        return _conv(out_ch, zero=self.zero_init, name="conv_out")(h, train)
 
 
 def _first_odd(height: int, n_down: int) -> int:

@@ -51,7 +51,8 @@ def main():
     ddpm = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
 
     steps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < spec["budget_seconds"]:
+    max_steps = spec.get("max_steps")  # a fixed step count instead (experiments/ablate_recipe.py)
+    while time.perf_counter() - t0 < spec["budget_seconds"] and (max_steps is None or steps < max_steps):
         idx = torch.from_numpy(rng.integers(0, len(train), spec["batch_size"]))
         x0 = -1.0 + 2.0 * (train[idx] + torch.rand_like(train[idx])) / 256.0
         eps = torch.randn_like(x0)
