@@ -80,6 +80,7 @@ def base():
     c.sample = s = ml_collections.ConfigDict()
     s.method = "dpm_solver++_2m"
     s.num_steps = 20
+    s.grid = config_dict.placeholder(str)  # time grid (diffjax.timesteps.GRIDS); None: the method's own default
     s.num_samples = 100
     s.png_scale = 4
 

@@ -143,3 +143,22 @@ def test_data_range_round_trip():
         u = np.arange(2**bits, dtype=np.float32)
         np.testing.assert_array_equal(from_data_range(to_data_range(u, bits), bits), u)
     assert from_data_range(np.array([-3.0, 3.0]), 8).tolist() == [0, 255]  # out-of-range samples clip
+
+
+def test_config_sample_grid_is_the_default_grid(unconditional_run):
+    """config.sample.grid (saved with the run) picks the time grid when the caller names none."""
+    from diffjax.generate import _load_run
+    from diffjax.training.loop import generate
+
+    import jax
+
+    run = _load_run(unconditional_run, "diffusion")
+    key = jax.random.PRNGKey(3)
+    draw_ = lambda **o: generate(run, method="dpm_solver++_2m", num_steps=4, num_samples=6, key=key, **o)[0]  # noqa: E731
+    default, uniform = draw_(), draw_(grid="time_uniform")
+    assert run.config.sample.get("grid") is None and not np.allclose(default, uniform)
+    np.testing.assert_array_equal(default, draw_(grid="logSNR"))  # dpm_solver++'s own default
+    run.config.unlock()
+    run.config.sample.grid = "time_uniform"
+    np.testing.assert_array_equal(draw_(), uniform)
+    np.testing.assert_array_equal(draw_(grid="logSNR"), default)  # an explicit grid still wins

@@ -151,6 +151,7 @@ def test_non_finite_loss_is_reported_and_never_checkpointed(tmp_path, monkeypatc
     ("sample.method", "magic", "config.sample.method"),
     ("training.steps_per_call", 0, "config.training.steps_per_call"),
     ("diffusion.min_snr_gamma", -5.0, "config.diffusion.min_snr_gamma"),
+    ("sample.grid", "uniform", "config.sample.grid"),
 ])
 def test_invalid_config_fields_are_named(field, value, match):
     c = base()
