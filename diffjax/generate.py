@@ -116,9 +116,11 @@ def guided_model_fn(run, *, guidance_scale=0.0, classifier=None, classifier_scal
     return model_fn
 
 
-def draw(run, model_fn, num_samples: int, *, labels=None, method=None, num_steps=None, batch_size=500, seed=0):
+def draw(run, model_fn, num_samples: int, *, labels=None, method=None, num_steps=None, batch_size=500, seed=0,
+         **options):
     """``num_samples`` samples of ``model_fn`` on ``run``'s schedule in the data's range and shape (n-bit
-    images as unsigned integers), drawn in batches of ``batch_size``; returns (samples, NFE per sample)."""
+    images as unsigned integers), drawn in batches of ``batch_size``; returns (samples, NFE per sample).
+    ``options`` (e.g. ``grid``) go to the sampler."""
     import jax
     import numpy as np
 
@@ -131,7 +133,7 @@ def draw(run, model_fn, num_samples: int, *, labels=None, method=None, num_steps
         n = min(batch_size, num_samples - start)
         cond = None if labels is None else labels[start:start + n]
         x, nfe = generate_batch(run, method=method, num_steps=num_steps, num_samples=n,
-                                key=jax.random.fold_in(key, i), cond=cond, model_fn=model_fn)
+                                key=jax.random.fold_in(key, i), cond=cond, model_fn=model_fn, **options)
         chunks.append(x)
     x = np.concatenate(chunks)
     if run.spec.num_bits is not None:

@@ -52,16 +52,19 @@ CELLS = {
 }
 
 
-def cell_config(cell: str, path: str) -> str:
-    """Write a config file for ``cell`` (the digits config plus the cell's fields) to ``path``."""
+def cell_config_text(cell: str) -> str:
+    """A config file for ``cell``: the digits config plus the cell's fields."""
     lines = ["from diffjax.config import load", "", "", "def get_config():",
              f"    c = load({os.path.join(HERE, 'configs', 'digits.py')!r})"]
     for field, value in CELLS[cell].items():
         *parents, name = field.split(".")
         lines.append(f"    c{''.join(f'.{p}' for p in parents)}[{name!r}] = {value!r}")
-    lines.append("    return c")
+    return "\n".join(lines + ["    return c", ""])
+
+
+def cell_config(cell: str, path: str) -> str:
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(cell_config_text(cell))
     return path
 
 
@@ -75,37 +78,60 @@ def train_diffjax(cell, steps, train_seed, workdir):
     return json.load(open(os.path.join(workdir, "metrics.json")))["final_loss"]
 
 
-def sample_diffjax(workdir, nfe, num_samples, sample_seeds):
+def sample_diffjax(workdir, nfe, num_samples, sample_seeds, grid):
+    """Samples per sampling seed with the run's sampler on ``grid`` ("config": the run's own), and the grid's name."""
     from diffjax.generate import _load_run, draw, guided_model_fn
+    from diffjax.samplers import METHODS
 
     run = _load_run(workdir, "diffusion")
-    return [draw(run, guided_model_fn(run), num_samples, method=run.config.sample.method, num_steps=nfe,
-                 seed=s)[0] for s in sample_seeds]
+    method = run.config.sample.method
+    grid = (run.config.sample.get("grid") or METHODS[method][2]) if grid == "config" else grid
+    return [draw(run, guided_model_fn(run), num_samples, method=method, num_steps=nfe, seed=s, grid=grid)[0]
+            for s in sample_seeds], grid
 
 
-def run_cell(cell, steps, train_seed, nfe, num_samples, sample_seeds, evaluator, ref, keep=None):
+def _trained(workdir, cell, steps):
+    """Whether a kept ``workdir`` already holds ``cell`` trained for exactly ``steps`` steps."""
+    try:
+        same = open(os.path.join(workdir, "cell_config.py")).read() == cell_config_text(cell)
+        return same and json.load(open(os.path.join(workdir, "metrics.json")))["step"] == steps
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def run_cell(cell, steps, train_seed, nfe, num_samples, sample_seeds, grids, evaluator, ref, keep=None):
+    """One row per sampling grid (the diffusers peer: one row, its own DPMSolverMultistep time grid)."""
     from bench_quality import run_diffusers
     from diffjax import metrics
     from guidance_sweep import real_split
 
+    draws = []
     with tempfile.TemporaryDirectory() as scratch:
         workdir = os.path.join(keep, f"{cell}_steps{steps}_seed{train_seed}") if keep else os.path.join(scratch, "run")
-        shutil.rmtree(workdir, ignore_errors=True)  # a kept run would resume, not retrain
         t0 = time.perf_counter()
         if CELLS[cell] is None:
+            shutil.rmtree(workdir, ignore_errors=True)
             os.makedirs(workdir)
             xs, info = run_diffusers(float("inf"), workdir, nfe, num_samples, sample_seeds, real_split("train")[0],
                                      seed=train_seed, max_steps=steps)
             final_loss = info["final_loss"]
+            draws.append((xs, "diffusers DPMSolverMultistep (t-uniform)"))
         else:
-            final_loss = train_diffjax(cell, steps, train_seed, workdir)
-            xs = sample_diffjax(workdir, nfe, num_samples, sample_seeds)
+            if keep and _trained(workdir, cell, steps):  # kept from an earlier call: sample it again
+                final_loss = json.load(open(os.path.join(workdir, "metrics.json")))["final_loss"]
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)  # a partial kept run would resume, not retrain
+                final_loss = train_diffjax(cell, steps, train_seed, workdir)
+            draws += [sample_diffjax(workdir, nfe, num_samples, sample_seeds, g) for g in grids]
         wall = time.perf_counter() - t0
-    fds = [metrics.frechet_distance_from_features(evaluator.features(x), ref) for x in xs]
-    return dict(cell=cell, fields=CELLS[cell], steps=steps, train_seed=train_seed, nfe=nfe,
-                num_samples=num_samples, sample_seeds=list(sample_seeds), fds=[float(f) for f in fds],
-                fd=float(np.mean(fds)), final_loss=final_loss, wall_s=wall,
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    rows = []
+    for xs, grid in draws:
+        fds = [metrics.frechet_distance_from_features(evaluator.features(x), ref) for x in xs]
+        rows.append(dict(cell=cell, fields=CELLS[cell], steps=steps, train_seed=train_seed, nfe=nfe, grid=grid,
+                         num_samples=num_samples, sample_seeds=list(sample_seeds), fds=[float(f) for f in fds],
+                         fd=float(np.mean(fds)), final_loss=final_loss, wall_s=wall,
+                         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
+    return rows
 
 
 def load_rows():
@@ -116,7 +142,7 @@ def load_rows():
 
 
 def store(row):
-    key = lambda r: (r["cell"], r["steps"], r["train_seed"], r["nfe"], r["num_samples"])  # noqa: E731
+    key = lambda r: (r["cell"], r["steps"], r["train_seed"], r["nfe"], r["num_samples"], r["grid"])  # noqa: E731
     rows = [r for r in load_rows() if key(r) != key(row)] + [row]
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
@@ -128,18 +154,18 @@ def render(rows):
              "`num_samples` samples per sampling seed, DPM-Solver++ 2M at the NFE shown, EMA weights; "
              "per training seed: mean over sampling seeds [min, max]. Rows from "
              "`experiments/results/ablate_recipe.jsonl` (its `date` field says when each was run).", "",
-             "| steps | cell | config fields | FD per training seed | mean over training seeds | final loss | samples x seeds | NFE |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| steps | cell | config fields | sampler time grid | FD per training seed | mean over training seeds | final loss | samples x seeds | NFE |",
+             "|---|---|---|---|---|---|---|---|---|"]
     groups = {}
     for r in rows:
-        groups.setdefault((r["steps"], r["cell"], r["nfe"], r["num_samples"]), []).append(r)
-    for (steps, cell, nfe, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], np.mean([r["fd"] for r in kv[1]]))):
+        groups.setdefault((r["steps"], r["cell"], r["grid"], r["nfe"], r["num_samples"]), []).append(r)
+    for (steps, cell, grid, nfe, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], np.mean([r["fd"] for r in kv[1]]))):
         rs = sorted(rs, key=lambda r: r["train_seed"])
         per = "; ".join(f"seed {r['train_seed']}: {r['fd']:.1f} [{min(r['fds']):.1f}, {max(r['fds']):.1f}]" for r in rs)
         fields = rs[0]["fields"]
         over = ("the diffusers peer (DDPM eps-MSE, UNet2DModel)" if fields is None else
                 " ".join(f"`{k}={v}`" for k, v in fields.items()) or "(the digits config)")
-        lines.append(f"| {steps} | {cell} | {over} | {per} | {np.mean([r['fd'] for r in rs]):.1f} | "
+        lines.append(f"| {steps} | {cell} | {over} | {grid} | {per} | {np.mean([r['fd'] for r in rs]):.1f} | "
                      f"{np.mean([r['final_loss'] for r in rs]):.3f} | {n} x {len(rs[0]['sample_seeds'])} | {nfe} |")
     return "\n".join(lines)
 
@@ -152,7 +178,10 @@ def main(argv=None):
     p.add_argument("--sample-seeds", default="0,1")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--nfe", type=int, default=20)
-    p.add_argument("--keep", help="keep each cell's workdir (checkpoint, samples.png) under this directory")
+    p.add_argument("--grids", default="config",
+                   help="time grids to sample each diffjax cell on (comma-separated; 'config': the run's sample.grid)")
+    p.add_argument("--keep", help="keep each cell's workdir under this directory; a kept cell already trained for "
+                                  "--steps is sampled again, not retrained")
     p.add_argument("--write-benchmarks", action="store_true", help="render every stored row into BENCHMARKS.md")
     args = p.parse_args(argv)
     cells = [c for c in args.cells.split(",") if c]
@@ -169,12 +198,13 @@ def main(argv=None):
     for cell in cells:
         for train_seed in [int(s) for s in args.train_seeds.split(",")]:
             try:
-                row = run_cell(cell, args.steps, train_seed, args.nfe, args.num_samples, seeds, evaluator, ref,
-                               keep=args.keep)
+                rows = run_cell(cell, args.steps, train_seed, args.nfe, args.num_samples, seeds,
+                                args.grids.split(","), evaluator, ref, keep=args.keep)
             except subprocess.CalledProcessError as e:
                 raise SystemExit(f"cell {cell} (seed {train_seed}) failed:\n{(e.stderr or b'').decode()[-3000:]}") from None
-            store(row)
-            print(json.dumps(row), flush=True)
+            for row in rows:
+                store(row)
+                print(json.dumps(row), flush=True)
     table = render(load_rows())
     print(table)
     if args.write_benchmarks:

@@ -155,10 +155,11 @@ def test_config_sample_grid_is_the_default_grid(unconditional_run):
     run = _load_run(unconditional_run, "diffusion")
     key = jax.random.PRNGKey(3)
     draw_ = lambda **o: generate(run, method="dpm_solver++_2m", num_steps=4, num_samples=6, key=key, **o)[0]  # noqa: E731
-    default, uniform = draw_(), draw_(grid="time_uniform")
-    assert run.config.sample.get("grid") is None and not np.allclose(default, uniform)
-    np.testing.assert_array_equal(default, draw_(grid="logSNR"))  # dpm_solver++'s own default
+    assert run.config.sample.grid == "time_uniform"  # base()'s
+    uniform, log_snr = draw_(), draw_(grid="logSNR")
+    assert not np.allclose(uniform, log_snr)
+    np.testing.assert_array_equal(uniform, draw_(grid="time_uniform"))
     run.config.unlock()
-    run.config.sample.grid = "time_uniform"
-    np.testing.assert_array_equal(draw_(), uniform)
-    np.testing.assert_array_equal(draw_(grid="logSNR"), default)  # an explicit grid still wins
+    run.config.sample.grid = None  # the method's own: logSNR for dpm_solver++
+    np.testing.assert_array_equal(draw_(), log_snr)
+    np.testing.assert_array_equal(draw_(grid="time_uniform"), uniform)  # an explicit grid wins
