@@ -6,6 +6,8 @@ Names that scripts and users rely on: ``seed``, ``data.dataset``, ``training.bat
 ``training.num_steps``.
 """
 
+import re
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -111,3 +113,45 @@ def load(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+_NONE_OVERRIDE = re.compile(r"^--?config\.([\w.]+)=(?i:none)$")
+
+
+def split_none_overrides(argv):
+    """``argv`` without its ``--config.<field>=none`` arguments, and those fields' paths.
+
+    ml_collections parses an override with the field's type (``float("None")`` fails), so an optional
+    field (a ``placeholder`` or ``FieldReference``, e.g. ``diffusion.min_snr_gamma``) could not be
+    switched off from the command line; ``diffjax.main`` applies them after parsing with
+    ``apply_none_overrides``.
+    """
+    kept, paths = [], []
+    for arg in argv:
+        m = _NONE_OVERRIDE.match(arg)
+        (paths.append(m.group(1)) if m else kept.append(arg))
+    return kept, paths
+
+
+def apply_none_overrides(config, paths):
+    """Set each dotted ``paths`` field of ``config`` to None; only optional fields may be None."""
+    for path in paths:
+        *parents, name = path.split(".")
+        node = config
+        for i, key in enumerate(parents):
+            if key not in node:
+                raise ValueError(f"--config.{path}=none: config.{'.'.join(parents[:i + 1])} does not exist")
+            node = node[key]
+        if name not in node:
+            raise ValueError(f"--config.{path}=none: config.{path} does not exist")
+        if node[name] is not None and not _optional(node, name):
+            raise ValueError(f"--config.{path}=none: config.{path} is not optional (it is "
+                                 f"{type(node[name]).__name__}; optional fields are declared with "
+                                 f"config_dict.placeholder or FieldReference)")
+        node[name] = None
+
+
+def _optional(node, name):
+    from ml_collections.config_dict import FieldReference
+
+    return isinstance(node._fields[name], FieldReference)  # noqa: SLF001 (ConfigDict keeps no public view)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
 
@@ -36,54 +35,18 @@ flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 
 
-_NONE_OVERRIDE = re.compile(r"^--?config\.([\w.]+)=(?i:none)$")
-
-
-def split_none_overrides(argv):
-    """``argv`` without its ``--config.<field>=none`` arguments, and those fields' paths.
-
-    ml_collections parses an override with the field's type (``float("None")`` fails), so an optional
-    field (a ``placeholder`` or ``FieldReference``, e.g. ``diffusion.min_snr_gamma``) could not be
-    switched off from the command line; these are applied after parsing by ``apply_none_overrides``.
-    """
-    kept, paths = [], []
-    for arg in argv:
-        m = _NONE_OVERRIDE.match(arg)
-        (paths.append(m.group(1)) if m else kept.append(arg))
-    return kept, paths
-
-
-def apply_none_overrides(config, paths):
-    """Set each dotted ``paths`` field of ``config`` to None; only optional fields may be None."""
-    for path in paths:
-        *parents, name = path.split(".")
-        node = config
-        for i, key in enumerate(parents):
-            if key not in node:
-                raise app.UsageError(f"--config.{path}=none: config.{'.'.join(parents[:i + 1])} does not exist")
-            node = node[key]
-        if name not in node:
-            raise app.UsageError(f"--config.{path}=none: config.{path} does not exist")
-        if node[name] is not None and not _optional(node, name):
-            raise app.UsageError(f"--config.{path}=none: config.{path} is not optional (it is "
-                                 f"{type(node[name]).__name__}; optional fields are declared with "
-                                 f"config_dict.placeholder or FieldReference)")
-        node[name] = None
-
-
-def _optional(node, name):
-    from ml_collections.config_dict import FieldReference
-
-    return isinstance(node._fields[name], FieldReference)  # noqa: SLF001 (ConfigDict keeps no public view)
-
-
 _NONE_PATHS: list[str] = []
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    apply_none_overrides(FLAGS.config, _NONE_PATHS)
+    from diffjax.config import apply_none_overrides
+
+    try:
+        apply_none_overrides(FLAGS.config, _NONE_PATHS)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax/tfds INFO lines would bury the progress bar
     from diffjax import distributed
@@ -122,6 +85,8 @@ def main(argv):
 
 
 def run():
+    from diffjax.config import split_none_overrides
+
     argv, _NONE_PATHS[:] = split_none_overrides(sys.argv)
     app.run(main, argv=argv)
 
