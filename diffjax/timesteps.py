@@ -76,6 +76,7 @@ def discrete_subsequence(schedule: DiscreteDDPM, num_steps: int, kind: str = "li
 
 
 GRIDS = ("time_uniform", "time_quadratic", "logSNR")
+SUBSEQUENCE_GRIDS = ("ddim_linear", "ddim_quadratic", "ddim_trailing")  # DiscreteDDPM chains only
 
 
 def make_grid(schedule: Schedule, t_start: float, t_end: float, num_steps: int,

@@ -163,3 +163,7 @@ def test_config_sample_grid_is_the_default_grid(unconditional_run):
     run.config.sample.grid = None  # the method's own: logSNR for dpm_solver++
     np.testing.assert_array_equal(draw_(), log_snr)
     np.testing.assert_array_equal(draw_(grid="time_uniform"), uniform)  # an explicit grid wins
+    run.config.sample.grid = "time_uniform"
+    other = generate(run, method="dpm_solver++_3m", num_steps=4, num_samples=6, key=key)[0]
+    own = generate(run, method="dpm_solver++_3m", num_steps=4, num_samples=6, key=key, grid="logSNR")[0]
+    np.testing.assert_array_equal(other, own)  # the config's grid belongs to config.sample.method only

@@ -152,6 +152,7 @@ def test_non_finite_loss_is_reported_and_never_checkpointed(tmp_path, monkeypatc
     ("training.steps_per_call", 0, "config.training.steps_per_call"),
     ("diffusion.min_snr_gamma", -5.0, "config.diffusion.min_snr_gamma"),
     ("sample.grid", "uniform", "config.sample.grid"),
+    ("sample.grid", "ddim_trailing", "sub-sequence of a discrete DDPM chain"),
 ])
 def test_invalid_config_fields_are_named(field, value, match):
     c = base()

@@ -139,7 +139,8 @@ class AttnBlock(nn.Module):
         qkv = nn.Dense(3 * c, kernel_init=default_init(), name="qkv")(h)
         q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3 * self.num_heads, d), 3, axis=2)
         a = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
-        out = x + nn.Dense(c, kernel_init=_ZERO if self.zero_init else default_init(), name="out")(a).reshape(b, hgt, wid, c)
+        out_init = _ZERO if self.zero_init else default_init()
+        out = x + nn.Dense(c, kernel_init=out_init, name="out")(a).reshape(b, hgt, wid, c)
         return out / math.sqrt(2.0) if self.skip_rescale else out
 
 

@@ -19,7 +19,7 @@ from diffjax.samplers.dpm_solver import dpm_solver, extrapolate_x0
 from diffjax.samplers.ode import ODE_SOLVERS, pf_ode
 from diffjax.samplers.sde import euler_maruyama, predictor_corrector
 from diffjax.schedules import DiscreteDDPM, Schedule
-from diffjax.timesteps import GRIDS, check_grid, discrete_subsequence, make_grid
+from diffjax.timesteps import GRIDS, SUBSEQUENCE_GRIDS, check_grid, discrete_subsequence, make_grid
 
 __all__ = ["METHODS", "sample"]
 
@@ -78,7 +78,7 @@ def _grid(schedule, method, num_steps, t_start, t_end, grid, options, clean_end)
         return discrete_subsequence(schedule, num_steps, grid[len("ddim_"):])
     if isinstance(grid, str) and grid not in GRIDS:
         raise ValueError(
-            f"grid must be one of {GRIDS + ('ddim_linear', 'ddim_quadratic', 'ddim_trailing')} or an array; "
+            f"grid must be one of {GRIDS + SUBSEQUENCE_GRIDS} or an array; "
             f"got {grid!r}"
         )
     if clean_end:

@@ -18,7 +18,7 @@ from diffjax.samplers import METHODS
 from diffjax.schedules import VE, DiscreteDDPM, RectifiedFlow, SubVP, VPCosine, VPLinear
 from diffjax.training.state import make_optimizer
 from diffjax.sharding import mesh_shape
-from diffjax.timesteps import GRIDS
+from diffjax.timesteps import GRIDS, SUBSEQUENCE_GRIDS
 
 __all__ = ["SCHEDULES", "TASKS", "ConfigError", "validate_config", "build_schedule", "build_model", "build_loss",
            "build_optimizer"]
@@ -35,8 +35,6 @@ SCHEDULES = {
 
 TASKS = ("diffusion", "classifier")
 CLASSIFIER_MODELS = ("classifier", "mlp")  # "mlp" with out_dim = classes is the classifier for (B, D) data
-
-SAMPLE_GRIDS = GRIDS + ("ddim_linear", "ddim_quadratic", "ddim_trailing")  # config.sample.grid
 
 
 class ConfigError(ValueError):
@@ -121,8 +119,12 @@ def validate_config(config, num_devices: int | None = None) -> None:
         _fail("sample.method", f"unknown sampler {config.sample.method!r}; known: {sorted(METHODS)}")
     _positive_int(config, "sample.num_steps")
     grid = config.sample.get("grid")
-    if grid is not None and grid not in SAMPLE_GRIDS:
-        _fail("sample.grid", f"unknown time grid {grid!r}; known: {SAMPLE_GRIDS} or None (the method's default)")
+    if grid is not None and grid not in GRIDS + SUBSEQUENCE_GRIDS:
+        _fail("sample.grid", f"unknown time grid {grid!r}; known: {GRIDS + SUBSEQUENCE_GRIDS} or None (the "
+                             f"method's default)")
+    if grid in SUBSEQUENCE_GRIDS and not config.diffusion.schedule.startswith("ddpm_"):
+        _fail("sample.grid", f"{grid!r} is a sub-sequence of a discrete DDPM chain; config.diffusion.schedule "
+                             f"is {config.diffusion.schedule!r}")
     _positive_int(config, "sample.num_samples")
     _positive_int(config, "eval.num_examples", allow_zero=True)
     _positive_int(config, "eval.batch_size")

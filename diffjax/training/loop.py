@@ -317,12 +317,13 @@ def ema_model_fn(run: Run):
 def generate(run: Run, *, method: str, num_steps: int, num_samples: int, key, cond=None, model_fn=None, **options):
     """Samples from the EMA model with any ``diffjax.sample`` method, ending with the exact denoise at t = 0.
 
-    ``model_fn`` (default: the EMA model) may wrap it, e.g. with ``diffjax.guidance``; the time grid
-    is ``options["grid"]``, else ``config.sample.grid``, else the method's default. The batch is
+    ``model_fn`` (default: the EMA model) may wrap it, e.g. with ``diffjax.guidance``. The time grid
+    is ``options["grid"]``, else ``config.sample.grid`` when ``method`` is the configured
+    ``config.sample.method`` (the grid was chosen for that sampler), else the method's own. The batch is
     split over the run's mesh (zero rows pad it to a multiple of the batch shards); returns host
     samples, identical on every process, and the NFE.
     """
-    if options.get("grid") is None:
+    if options.get("grid") is None and method == run.config.sample.method:
         options["grid"] = run.config.sample.get("grid")  # None: the method's default grid
     x_T = to_host(run.schedule.prior_sample(key, (num_samples, *run.spec.shape)))
     x_T, n = shard_batch(x_T, run.mesh)
