@@ -10,9 +10,12 @@ sampling seed. Score: the Fréchet distance to the train split in the independen
 feature space (as ``bench_quality.py``). A fixed step count makes the comparison independent of the
 machine's speed and load, so cells may run side by side; training is deterministic given the seed.
 
-Rows accumulate in ``experiments/results/ablate_recipe.jsonl`` (one per cell x steps x training
-seed; a re-run replaces its row) so that cells can be run in separate invocations;
-``--write-benchmarks`` renders every stored row into BENCHMARKS.md.
+Each row records the values of every recipe field (``RECIPE_FIELDS``) its run was trained with, and the
+table names a row by the fields where those differ from the digits config as it is now, so a row stays
+true when the default moves (the cell's name is only the handle it was run under). Rows accumulate in
+``experiments/results/ablate_recipe.jsonl`` (one per recipe x steps x training seed x grid; a re-run
+replaces its row) so that cells can be run in separate invocations; ``--write-benchmarks`` renders every
+stored row into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ _EPS = {"diffusion.prediction": "eps", "diffusion.objective": "eps"}
 # cell -> config fields set on top of experiments/configs/digits.py (None switches an optional field
 # off; a field the schema lacks, e.g. a model attribute, is added); "diffusers" is the quality peer
 CELLS = {
-    "v_minsnr5": {},  # the default: v-prediction, v-objective weighted by Min-SNR-5
+    "v_minsnr5": {},  # the default: v-prediction, v-objective weighted by Min-SNR-5, no residual rescale
     "v": {"diffusion.min_snr_gamma": None},  # plain v-MSE
     "v_minsnr2": {"diffusion.min_snr_gamma": 2.0},
     "v_minsnr20": {"diffusion.min_snr_gamma": 20.0},
@@ -44,7 +47,7 @@ CELLS = {
     "eps_minsnr5": _EPS,
     "v_minsnr5_ema999": {"optim.ema_decay": 0.999},
     "v_minsnr5_lr1e-3": {"optim.learning_rate": 1e-3},
-    "no_skip_rescale": {"model.skip_rescale": False},  # residual sums not divided by sqrt(2)
+    "skip_rescale": {"model.skip_rescale": True},  # residual sums divided by sqrt(2) (DDPM++)
     "no_zero_init": {"model.zero_init": False},  # residual branches and output conv not zero-initialised
     "groups8": {"model.num_groups": 8},  # GroupNorm groups as the peer (DDPM++ rule: C // 4 up to 32)
     "diffusers_like": {"model.skip_rescale": False, "model.zero_init": False, "model.num_groups": 8},
@@ -60,6 +63,38 @@ def cell_config_text(cell: str) -> str:
         *parents, name = field.split(".")
         lines.append(f"    c{''.join(f'.{p}' for p in parents)}[{name!r}] = {value!r}")
     return "\n".join(lines + ["    return c", ""])
+
+
+# the fields a row records; a model attribute the config does not set takes the UNet's default
+RECIPE_FIELDS = sorted({f for fields in CELLS.values() if fields for f in fields}
+                       | {"model.skip_rescale", "model.zero_init", "model.num_groups"})
+
+
+def recipe_values(cell: str) -> dict:
+    """The value of every ``RECIPE_FIELDS`` entry in ``cell``'s config (as trained)."""
+    import dataclasses
+
+    from diffjax import models
+
+    scope = {}
+    exec(cell_config_text(cell), scope)
+    config = scope["get_config"]()
+    unet = {f.name: f.default for f in dataclasses.fields(models.UNet)}
+    values = {}
+    for field in RECIPE_FIELDS:
+        node, (*parents, name) = config, field.split(".")
+        for part in parents:
+            node = node[part]
+        values[field] = node[name] if name in node else unet[name]
+    return values
+
+
+def label(values) -> str:
+    """A row's name in the table: its fields that differ from the digits config as it is now."""
+    if values is None:
+        return "the diffusers peer (DDPM eps-MSE, UNet2DModel)"
+    now = recipe_values("v_minsnr5")
+    return " ".join(f"`{k}={v}`" for k, v in values.items() if now.get(k) != v) or "(the digits config)"
 
 
 def cell_config(cell: str, path: str) -> str:
@@ -91,9 +126,9 @@ def sample_diffjax(workdir, nfe, num_samples, sample_seeds, grid):
 
 
 def _trained(workdir, cell, steps):
-    """Whether a kept ``workdir`` already holds ``cell`` trained for exactly ``steps`` steps."""
+    """Whether a kept ``workdir`` already holds ``cell``'s recipe trained for exactly ``steps`` steps."""
     try:
-        same = open(os.path.join(workdir, "cell_config.py")).read() == cell_config_text(cell)
+        same = json.load(open(os.path.join(workdir, "recipe.json"))) == recipe_values(cell)
         return same and json.load(open(os.path.join(workdir, "metrics.json")))["step"] == steps
     except (OSError, KeyError, ValueError):
         return False
@@ -122,12 +157,15 @@ def run_cell(cell, steps, train_seed, nfe, num_samples, sample_seeds, grids, eva
             else:
                 shutil.rmtree(workdir, ignore_errors=True)  # a partial kept run would resume, not retrain
                 final_loss = train_diffjax(cell, steps, train_seed, workdir)
+                with open(os.path.join(workdir, "recipe.json"), "w") as f:
+                    json.dump(recipe_values(cell), f)
             draws += [sample_diffjax(workdir, nfe, num_samples, sample_seeds, g) for g in grids]
         wall = time.perf_counter() - t0
     rows = []
     for xs, grid in draws:
         fds = [metrics.frechet_distance_from_features(evaluator.features(x), ref) for x in xs]
-        rows.append(dict(cell=cell, fields=CELLS[cell], steps=steps, train_seed=train_seed, nfe=nfe, grid=grid,
+        rows.append(dict(cell=cell, fields=CELLS[cell], recipe=None if CELLS[cell] is None else recipe_values(cell),
+                         steps=steps, train_seed=train_seed, nfe=nfe, grid=grid,
                          num_samples=num_samples, sample_seeds=list(sample_seeds), fds=[float(f) for f in fds],
                          fd=float(np.mean(fds)), final_loss=final_loss, wall_s=wall,
                          date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
@@ -142,7 +180,8 @@ def load_rows():
 
 
 def store(row):
-    key = lambda r: (r["cell"], r["steps"], r["train_seed"], r["nfe"], r["num_samples"], r["grid"])  # noqa: E731
+    key = lambda r: (json.dumps(r["recipe"], sort_keys=True) if r["recipe"] else r["cell"],  # noqa: E731
+                     r["steps"], r["train_seed"], r["nfe"], r["num_samples"], r["grid"])
     rows = [r for r in load_rows() if key(r) != key(row)] + [row]
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
@@ -154,18 +193,17 @@ def render(rows):
              "`num_samples` samples per sampling seed, DPM-Solver++ 2M at the NFE shown, EMA weights; "
              "per training seed: mean over sampling seeds [min, max]. Rows from "
              "`experiments/results/ablate_recipe.jsonl` (its `date` field says when each was run).", "",
-             "| steps | cell | config fields | sampler time grid | FD per training seed | mean over training seeds | final loss | samples x seeds | NFE |",
+             "| steps | config fields (vs the digits config now) | run as | sampler time grid | FD per training seed | mean over training seeds | final loss | samples x seeds | NFE |",
              "|---|---|---|---|---|---|---|---|---|"]
     groups = {}
     for r in rows:
-        groups.setdefault((r["steps"], r["cell"], r["grid"], r["nfe"], r["num_samples"]), []).append(r)
-    for (steps, cell, grid, nfe, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], np.mean([r["fd"] for r in kv[1]]))):
+        name = label(r["recipe"])
+        groups.setdefault((r["steps"], name, r["grid"], r["nfe"], r["num_samples"]), []).append(r)
+    for (steps, name, grid, nfe, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], np.mean([r["fd"] for r in kv[1]]))):
         rs = sorted(rs, key=lambda r: r["train_seed"])
         per = "; ".join(f"seed {r['train_seed']}: {r['fd']:.1f} [{min(r['fds']):.1f}, {max(r['fds']):.1f}]" for r in rs)
-        fields = rs[0]["fields"]
-        over = ("the diffusers peer (DDPM eps-MSE, UNet2DModel)" if fields is None else
-                " ".join(f"`{k}={v}`" for k, v in fields.items()) or "(the digits config)")
-        lines.append(f"| {steps} | {cell} | {over} | {grid} | {per} | {np.mean([r['fd'] for r in rs]):.1f} | "
+        cells = ", ".join(sorted({r["cell"] for r in rs}))
+        lines.append(f"| {steps} | {name} | {cells} | {grid} | {per} | {np.mean([r['fd'] for r in rs]):.1f} | "
                      f"{np.mean([r['final_loss'] for r in rs]):.3f} | {n} x {len(rs[0]['sample_seeds'])} | {nfe} |")
     return "\n".join(lines)
 

@@ -313,3 +313,27 @@ def test_every_experiment_config_validates(name):
     from diffjax.config import load
 
     validate_config(load(os.path.join(REPO, "experiments", "configs", name)), num_devices=1)
+
+
+def test_ablate_recipe_rows_name_what_was_trained(tmp_path, monkeypatch):
+    """The recipe table names a row by its trained values against the digits config now, and a re-run of the
+    same recipe (under any cell name) replaces the row instead of adding one."""
+    sys.path.insert(0, os.path.join(REPO, "experiments"))
+    import ablate_recipe
+
+    monkeypatch.setattr(ablate_recipe, "RESULTS", str(tmp_path / "rows.jsonl"))
+    now = ablate_recipe.recipe_values("v_minsnr5")
+    assert ablate_recipe.label(now) == "(the digits config)"
+    flipped = dict(now, **{"model.skip_rescale": not now["model.skip_rescale"]})
+    assert ablate_recipe.label(flipped) == f"`model.skip_rescale={not now['model.skip_rescale']}`"
+    eps = ablate_recipe.recipe_values("eps")
+    assert eps["diffusion.objective"] == "eps" and eps["diffusion.min_snr_gamma"] is None
+    row = dict(cell="v_minsnr5", fields={}, recipe=now, steps=10, train_seed=0, nfe=20, num_samples=8, grid="logSNR",
+               sample_seeds=[0], fds=[1.0], fd=1.0, final_loss=0.1, wall_s=1.0, date="")
+    ablate_recipe.store(row)
+    ablate_recipe.store(dict(row, cell="renamed", fd=2.0, fds=[2.0]))  # same recipe: replaces
+    ablate_recipe.store(dict(row, recipe=flipped, fd=3.0, fds=[3.0]))  # another recipe: a second row
+    rows = ablate_recipe.load_rows()
+    assert sorted(r["fd"] for r in rows) == [2.0, 3.0]
+    table = ablate_recipe.render(rows)
+    assert "| 10 | (the digits config) | renamed | logSNR | seed 0: 2.0" in table

@@ -17,6 +17,7 @@ def get_config():
     c.model.num_res_blocks = 1
     c.model.dropout = 0.1
     c.model.scale_shift = True
+    c.model.skip_rescale = True  # as in the guidance sweep's runs (BENCHMARKS.md); base() dropped it later
     c.optim.learning_rate = 1e-3
     c.training.num_steps = 1000
     c.training.checkpoint_every = 500
