@@ -32,8 +32,8 @@ def base():
     m.num_res_blocks = 2
     m.attn_resolutions = (4,)
     m.dropout = 0.1
-    # residual sums not divided by sqrt(2) (DDPM/ADM; DDPM++ divides): digits FD 39.8 vs 51.5 after 400
-    # steps and 4.0 vs 4.9 after 2100 (experiments/ablate_recipe.py, BENCHMARKS.md "Training recipe")
+    # residual sums not divided by sqrt(2) (DDPM/ADM; DDPM++ divides): digits FD 39.8 vs 47.3 after 400
+    # steps, 4.0 vs 4.9 after 2100, t-uniform grid (experiments/ablate_recipe.py, BENCHMARKS.md "Training recipe")
     m.skip_rescale = False
     m.num_classes = config_dict.placeholder(int)  # an int: class-conditional, with a learned null class
 
