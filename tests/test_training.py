@@ -283,7 +283,11 @@ def test_sharded_step_matches_single_device(tmp_path, model):
     """)
     config = textwrap.dedent(SHARDED_CONFIGS[model]).strip()
     script = script.replace("CONFIG", config).replace("WORKDIR", "'" + str(tmp_path) + "'").replace("REPO", REPO)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    # 8 simulated devices are 8 threads on 2 cores: under load one can reach a collective more than
+    # XLA's default 40 s after the others, and XLA then aborts the process (seen once in CI next to
+    # another job); the test's own 600 s limit stays the bound
+    flags = "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr[-3000:]
