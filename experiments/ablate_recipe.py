@@ -46,6 +46,7 @@ CELLS = {
     "eps": {**_EPS, "diffusion.min_snr_gamma": None},  # L_simple (Ho et al.), the diffusers peer's loss
     "eps_minsnr5": _EPS,
     "v_minsnr5_ema999": {"optim.ema_decay": 0.999},
+    "v_minsnr5_ema99": {"optim.ema_decay": 0.99},
     "v_minsnr5_lr1e-3": {"optim.learning_rate": 1e-3},
     "skip_rescale": {"model.skip_rescale": True},  # residual sums divided by sqrt(2) (DDPM++)
     "no_zero_init": {"model.zero_init": False},  # residual branches and output conv not zero-initialised

@@ -33,6 +33,12 @@ step). No persistent compilation cache, so the compile figures are real.
 
 Targets: overhead = jax_step / jax_bare <= 1.1; speed-up = torch_step / jax_step >= 1.3.
 
+Work and rate: the FLOPs of one forward + backward (XLA's cost analysis of the compiled bare program;
+the diffusers model has the same layers) over each contender's time give its GFLOP/s, set against the
+best f32 GEMM rate measured in the run (a 2048^3 matmul in XLA and in torch, probed before and
+after the timings): how much of the machine's attainable rate a step already uses, and how much the
+1.3x target would ask for.
+
 Commands:
   python experiments/bench_train.py --quick   # ~2-3 min on a quiet 2-core machine; writes
                                               # results/bench_train_quick.{json,md}, not BENCHMARKS.md
@@ -89,6 +95,7 @@ FUSED = 4  # steps per call of the jax_step_fused contender (training.steps_per_
 REPEATS = (2, 7)
 TARGET_OVERHEAD, TARGET_SPEEDUP = 1.1, 1.3
 JAX_CONTENDERS = ("jax_bare", "jax_step", "jax_step_fused", "jax_update")
+GEMM_N, GEMM_REPEATS = 2048, 10  # the attainable-rate probe: one large f32 matmul, best of 10 calls
 CONTAMINATED = 0.25  # cores used by other processes during a timed run above which the run is flagged
 
 
@@ -269,6 +276,32 @@ class TorchPeer:
         self.proc.wait(timeout=30)
 
 
+def gemm_gflops(n: int = GEMM_N, repeats: int = GEMM_REPEATS) -> list:
+    """GFLOP/s of a jitted n x n x n f32 matmul per timed call (XLA:CPU's Eigen GEMM, every core XLA sees)."""
+    f = jax.jit(jnp.matmul)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n))
+    for _ in range(3):
+        f(a, b).block_until_ready()
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return rates
+
+
+def step_gflop(jx) -> float:
+    """FLOPs of one forward + backward of the size's model (XLA's cost analysis of the compiled bare program), in G.
+
+    The diffusers model has the same layers (parameter counts within ~1%), so the same count serves
+    as the work of either runtime's step; the optimizer and EMA add ~10 FLOPs per parameter.
+    """
+    cost = jx.bare_fn.lower(jx.params, jx._batch(), jx.bare_key, np.int32(0)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) / 1e9
+
+
 def _nanmax(xs):
     xs = [x for x in xs if np.isfinite(x)]
     return max(xs) if xs else float("nan")
@@ -334,6 +367,7 @@ def bench_size(size, quick, repeats, steps, peer, log, objective):
                         for w, v in times.items()}, peer_spec=spec)
     med = {w: v["median_s"] for w, v in res["timings"].items()}
     res["compile_s"] = {w: jx.first_call_s[w] - med[w] for w in jx.first_call_s}
+    res["step_gflop"] = step_gflop(jx)
     res["overhead"] = med["jax_step"] / med["jax_bare"]
     res["overhead_paired"] = [a / b for a, b in zip(times["jax_step"], times["jax_bare"])]
     res["update_fraction"] = med["jax_update"] / med["jax_step"]
@@ -362,11 +396,13 @@ def fmt(results, meta):
                      + (f", diffusers UNet2DModel {r['torch_params']:,} params (ratio {r['param_ratio']:.3f})"
                         if "torch_params" in r else "")
                      + f"; {r['repeats']} repeats x {r['steps_per_repeat']} steps.")
-        lines += ["", "| contender | median ms/step | min-max ms/step | steps/s (median) | own CPU ms/step (median) "
-                      "| other processes, cores (max over repeats) |", "|---|---|---|---|---|---|"]
+        lines += ["", "| contender | median ms/step | min-max ms/step | steps/s (median) | GFLOP/s (fwd+bwd work) "
+                      "| own CPU ms/step (median) | other processes, cores (max over repeats) |",
+                  "|---|---|---|---|---|---|---|"]
         for w, t in r["timings"].items():
+            rate = "-" if w == "jax_update" else f"{r['step_gflop'] / t['median_s']:.0f}"
             lines.append(f"| {names[w]} | {t['median_s'] * 1e3:.1f} | {t['min_s'] * 1e3:.1f}-{t['max_s'] * 1e3:.1f} | "
-                         f"{1 / t['median_s']:.2f} | {t['cpu_median_s'] * 1e3:.0f} | "
+                         f"{1 / t['median_s']:.2f} | {rate} | {t['cpu_median_s'] * 1e3:.0f} | "
                          f"{'-' if np.isnan(t['other_cores_max']) else format(t['other_cores_max'], '.2f')} |")
         pr = r["overhead_paired"]
         lines += ["", f"- JAX compile (first call minus median step): step {r['compile_s']['jax_step']:.1f} s, "
@@ -383,6 +419,15 @@ def fmt(results, meta):
                          f"(torch's own step/bare = {r['torch_overhead']:.3f}.)")
             lines.append(f"- With {FUSED} steps fused per call (`training.steps_per_call={FUSED}`): speed-up "
                          f"**{r['speedup_fused']:.2f}x**, step/bare {r['timings']['jax_step_fused']['median_s'] / r['timings']['jax_bare']['median_s']:.3f}.")
+            peak = max(max(v) for v in meta["gemm_gflops"].values() if v)
+            need = r["timings"]["torch_step"]["median_s"] / TARGET_SPEEDUP
+            lines.append(f"- Work and rate: one fwd+bwd is {r['step_gflop']:.1f} GFLOP (XLA's cost analysis); the best f32 "
+                         f"GEMM rate measured in this run is {peak:.0f} GFLOP/s ({GEMM_N}^3 matmul, XLA and torch). "
+                         f"torch's step runs at {r['step_gflop'] / r['timings']['torch_step']['median_s']:.0f} GFLOP/s "
+                         f"({100 * r['step_gflop'] / r['timings']['torch_step']['median_s'] / peak:.0f}% of it); "
+                         f"{TARGET_SPEEDUP}x would need <= {need * 1e3:.0f} ms/step, i.e. "
+                         f"{r['step_gflop'] / need:.0f} GFLOP/s = **{100 * r['step_gflop'] / need / peak:.0f}% of the "
+                         f"GEMM rate** for the whole step (its 3x3 convolutions, GroupNorms, attention and updates).")
         lines.append("")
     over = ", ".join(f"{r['size']} {r['overhead']:.3f} ({'met' if r['overhead'] <= TARGET_OVERHEAD else 'not met'})"
                      for r in results)
@@ -461,7 +506,18 @@ def main():
     if peer is not None:
         meta["torch"] = peer.info
     try:
+        gemm = {"xla": [], "torch": []}
+
+        def probe_gemm():
+            gemm["xla"] += gemm_gflops()
+            if peer is not None:
+                gemm["torch"] += peer.ask(cmd="gemm", n=GEMM_N, repeats=GEMM_REPEATS)["gflops"]
+
+        probe_gemm()
         results = [bench_size(s, args.quick, repeats, steps[s], peer, log, args.objective) for s in sizes]
+        probe_gemm()  # again at the end: the best of both probes is the rate the host allowed
+        meta["gemm_gflops"] = gemm
+        log("f32 GEMM %d^3 best GFLOP/s: " % GEMM_N + ", ".join(f"{k} {max(v):.1f}" for k, v in gemm.items() if v))
     finally:
         if peer is not None:
             peer.close()

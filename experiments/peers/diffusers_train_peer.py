@@ -131,8 +131,22 @@ def versions() -> dict:
                 torch_interop_threads=torch.get_num_interop_threads())
 
 
+def gemm_gflops(n: int, repeats: int) -> list:
+    """GFLOP/s of an n x n x n f32 matmul per timed call (torch's BLAS, its threads): the machine's attainable rate."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return rates
+
+
 def serve():
-    """JSON-lines loop: {"cmd": "setup", "name", "spec"} | {"cmd": "run", "name", "what", "n"} | {"cmd": "quit"}."""
+    """JSON-lines loop: {"cmd": "setup", "name", "spec"} | {"cmd": "run", "name", "what", "n"} |
+    {"cmd": "gemm", "n", "repeats"} | {"cmd": "quit"}."""
     trainers = {}
 
     def reply(obj):
@@ -157,6 +171,8 @@ def serve():
             elif msg["cmd"] == "run":
                 wall, cpu = trainers[msg["name"]].run(msg["what"], int(msg["n"]))
                 reply({"per_step_s": wall, "cpu_per_step_s": cpu})
+            elif msg["cmd"] == "gemm":
+                reply({"gflops": gemm_gflops(int(msg["n"]), int(msg["repeats"]))})
             else:
                 reply({"error": f"unknown cmd {msg['cmd']!r}"})
         except Exception as e:  # the driver reports it
