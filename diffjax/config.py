@@ -48,7 +48,7 @@ def base():
     f.objective = "v"
     f.weighting = "likelihood"  # objective "dsm" only
     # Min-SNR-gamma weighting (objectives eps/x0/v; None: off). Digits, 400 steps, t-uniform grid, two
-    # training seeds: FD 39.9 / 35.1 with gamma = 5, 58.2 / 52.1 without, 39.6 / 36.8 with gamma = 2
+    # training seeds: FD 39.8 / 35.1 with gamma = 5, 58.2 / 52.1 without, 39.6 / 36.8 with gamma = 2
     # (experiments/ablate_recipe.py, BENCHMARKS.md "Training recipe"). It costs likelihood: the main
     # job's test NLL is 6.01 bits/dim with it, 5.43 without (README); switch it off for NLL work
     f.min_snr_gamma = config_dict.FieldReference(5.0, field_type=float)

@@ -90,9 +90,15 @@ def main():
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--write-benchmarks", action="store_true")
     args = ap.parse_args()
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in STEPS]
+    if unknown or not sizes:
+        ap.error(f"--sizes: unknown {unknown or args.sizes!r}; known: {sorted(STEPS)}")
+    if args.top < 1:
+        ap.error(f"--top must be >= 1; got {args.top}")
     t0 = time.perf_counter()
     gemm = gemm_gflops()
-    results = [profile(s, args.top) for s in args.sizes.split(",")]
+    results = [profile(s, args.top) for s in sizes]
     gemm += gemm_gflops()
     text = (render(results) + f"\n\nHost speed during the run: best f32 GEMM rate {max(gemm):.0f} GFLOP/s (2048^3 matmul, "
             f"before and after; bench_train.py's runs on a quiet host: ~175). Load average after: "
