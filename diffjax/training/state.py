@@ -61,7 +61,13 @@ def ema_update(ema_params, params, decay):
     return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema_params, params)
 
 
+@jax.jit
 def all_finite(tree) -> jax.Array:
-    """True when every floating leaf of ``tree`` is finite (a scalar bool array)."""
+    """True when every floating leaf of ``tree`` is finite (a scalar bool array).
+
+    One compiled program for the whole tree. Eager ops leaf by leaf would dispatch two programs per
+    leaf; on sharded leaves each one holds a collective, and dozens of them queued at once can take
+    every thread of XLA:CPU's work runner (one per device) while the programs ahead of them still
+    need one: 8 simulated devices deadlocked that way in a checkpoint save."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
