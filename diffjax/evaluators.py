@@ -31,6 +31,7 @@ import optax
 from flax import serialization
 
 from diffjax import data as data_lib
+from diffjax.models.dropout import Dropout
 
 __all__ = ["DigitsNet", "Evaluator", "digits_evaluator", "train_digits_evaluator"]
 
@@ -52,7 +53,7 @@ class DigitsNet(nn.Module):
             x = nn.silu(nn.Conv(width, (3, 3))(x))
             x = nn.avg_pool(x, (2, 2), (2, 2))
         feats = nn.silu(nn.Dense(self.feature_dim, name="features")(x.reshape(x.shape[0], -1)))
-        h = nn.Dropout(self.dropout)(feats, deterministic=not train)
+        h = Dropout(self.dropout)(feats, deterministic=not train)
         return nn.Dense(self.num_classes, name="logits")(h), feats
 
 

@@ -22,6 +22,7 @@ from diffjax.models import (
     fourier_embedding,
 )
 from diffjax.models.embeddings import TimeEmbedding
+from diffjax.models.dropout import Dropout, threefry_bits
 from diffjax.models.unet import default_num_groups
 
 KEY = jax.random.PRNGKey(0)
@@ -210,6 +211,46 @@ def test_dropout_only_in_training(tiny):
     assert float(jnp.max(jnp.abs(a - tiny["f"](p, x, t, y)))) > 1e-3
     with pytest.raises(ValueError, match="rng"):
         make_model_fn(tiny["module"], train=True)(p, x, t, y)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 5), (2, 3, 5, 7), (16, 8, 8, 64)])
+def test_threefry_bits_equal_jax_random_bits(shape):
+    for key in (jax.random.PRNGKey(3), jax.random.key(11)):
+        np.testing.assert_array_equal(jax.jit(threefry_bits, static_argnums=1)(key, shape),
+                                      jax.random.bits(key, shape, jnp.uint32))
+
+
+def test_threefry_bits_rejects_other_keys():
+    with pytest.raises(ValueError, match="threefry2x32 key; got a rbg"):
+        threefry_bits(jax.random.key(0, impl="rbg"), (4,))
+    with pytest.raises(ValueError, match=r"uint32\[2\]"):
+        threefry_bits(jnp.zeros((3,), jnp.uint32), (4,))
+
+
+def test_dropout_keeps_what_flax_dropout_keeps(tiny):
+    """diffjax's Dropout (threefry written out) draws Flax's masks bit for bit, alone and inside the U-Net."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 32))
+    rngs = {"dropout": jax.random.PRNGKey(5)}
+    for rate in (0.1, 0.5):
+        ours = Dropout(rate).apply({}, x, deterministic=False, rngs=rngs)
+        np.testing.assert_array_equal(ours, flax.linen.Dropout(rate).apply({}, x, deterministic=False, rngs=rngs))
+        assert abs(float(jnp.mean(ours == 0)) - rate) < 0.01
+    assert Dropout(0.3).apply({}, x, deterministic=True) is x
+    with pytest.raises(ValueError, match="rate"):
+        Dropout(1.0).apply({}, x, deterministic=False, rngs=rngs)
+    import diffjax.models.unet as unet_lib
+
+    def train_forward():  # traced afresh: the module's Dropout is looked up at trace time
+        f = jax.jit(make_model_fn(tiny["module"], train=True))
+        return f(tiny["perturbed"], tiny["x"], jnp.full((4,), 0.5), LABELS, jax.random.PRNGKey(1))
+
+    ours = train_forward()
+    try:
+        unet_lib.Dropout = flax.linen.Dropout
+        theirs = train_forward()
+    finally:
+        unet_lib.Dropout = Dropout
+    np.testing.assert_array_equal(ours, theirs)
 
 
 # ---- architecture ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from diffjax.models.embeddings import ClassEmbedding, TimeEmbedding, fourier_embedding, sinusoidal_embedding
 from diffjax.models.classifier import EncoderClassifier
+from diffjax.models.dropout import Dropout, threefry_bits
 from diffjax.models.mlp import MLP
 from diffjax.models.unet import UNet
 
@@ -25,6 +26,8 @@ __all__ = [
     "UNet",
     "MLP",
     "EncoderClassifier",
+    "Dropout",
+    "threefry_bits",
     "TimeEmbedding",
     "ClassEmbedding",
     "sinusoidal_embedding",

@@ -7,6 +7,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffjax.models.dropout import Dropout
 from diffjax.models.embeddings import check_embedding_fields, check_int, conditioning, default_init
 
 __all__ = ["MLP", "MLPBlock"]
@@ -24,7 +25,7 @@ class MLPBlock(nn.Module):
         z = nn.LayerNorm(name="norm")(h) if self.layer_norm else h
         z = nn.Dense(self.width, kernel_init=default_init(), name="dense0")(z)
         z = z + nn.Dense(self.width, kernel_init=default_init(), name="emb")(nn.silu(emb))
-        z = nn.Dropout(self.dropout)(nn.silu(z), deterministic=not train)
+        z = Dropout(self.dropout)(nn.silu(z), deterministic=not train)
         return h + nn.Dense(self.width, kernel_init=default_init(), name="dense1")(z)
 
 

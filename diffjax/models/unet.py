@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from diffjax.models.embeddings import check_embedding_fields, check_int, conditioning, default_init
 from diffjax.models.conv import Conv
+from diffjax.models.dropout import Dropout
 from diffjax.models.norm import GroupNorm, silu
 
 __all__ = ["UNet", "ResBlock", "AttnBlock", "Downsample", "Upsample", "default_num_groups"]
@@ -113,7 +114,7 @@ class ResBlock(nn.Module):
             h = silu(_norm(self.out_ch, self.num_groups, "norm1")(h, train) * (1.0 + scale) + shift)
         else:
             h = _norm(self.out_ch, self.num_groups, "norm1", act="silu")(h + e, train)
-        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = Dropout(self.dropout)(h, deterministic=not train)
         h = _conv(self.out_ch, zero=self.zero_init, name="conv1")(h, train)
         if in_ch != self.out_ch or self.up or self.down:  # as in ResnetBlockBigGANpp
             x = _conv(self.out_ch, kernel=1, name="skip")(x, train)

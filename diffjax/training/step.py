@@ -5,8 +5,9 @@ over the mesh's ``data`` and ``fsdp`` axes, parameters are replicated or sharded
 ``model`` by the rule set in ``diffjax.sharding``, and XLA's SPMD partitioner inserts the gradient
 all-reduce (or reduce-scatter) and the parameter all-gathers.
 Random numbers are drawn from ``fold_in(state.key, step)`` inside the step; with JAX's
-partitionable threefry they do not depend on how the batch is laid out, so a run on 8 devices
-draws the same noise as a run on 1.
+partitionable threefry (dropout masks included, ``diffjax.models.dropout``) the counter of each
+element is its index, so the draws do not depend on how the batch is laid out, and a run on 8
+devices draws the same noise and masks as a run on 1.
 
 Several steps can be fused into one call (``steps_per_call``) with ``lax.scan`` (score_sde's
 ``n_jitted_steps``): the host then feeds a stack of batches (steps_per_call, batch, ...).
