@@ -26,7 +26,7 @@ from jax import lax
 
 __all__ = ["Dropout", "threefry_bits"]
 
-# Threefry-2x32 rotation constants, alternating by groups of four rounds (Salmon et al. 2011, Table 4)
+# Threefry-2x32 rotation constants (Salmon et al. 2011), alternating by groups of four rounds
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _KS_PARITY = np.uint32(0x1BD11BDA)  # the key-schedule parity constant of Threefish/Threefry
 
