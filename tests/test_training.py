@@ -230,7 +230,7 @@ SHARDED_CONFIGS = {
     "mlp": """
         from diffjax.config import load
         c = load("REPO/experiments/configs/toy2d.py")
-        c.model.width = 64; c.model.depth = 2; c.model.dropout = 0.1  # Philox masks, sharded with the batch
+        c.model.width = 64; c.model.depth = 2; c.model.dropout = 0.1  # masks drawn on the sharded batch
         c.training.batch_size = 32; c.training.num_steps = 3; c.training.log_every = 1
         DATA = "ring"
     """,
