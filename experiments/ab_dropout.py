@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import diffjax.models.unet as unet_lib  # noqa: E402
 from bench_train import SIZES, STEPS, JaxContenders, host_batches  # noqa: E402
-from benchlib import write_section  # noqa: E402
+from benchlib import parse_sizes, write_section  # noqa: E402
 
 VARIANTS = {"flax.linen.Dropout": nn.Dropout, "diffjax Dropout": unet_lib.Dropout}
 
@@ -85,10 +85,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--write-benchmarks", action="store_true")
     args = ap.parse_args()
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    bad = [s for s in sizes if s not in SIZES]
-    if bad or not sizes:
-        ap.error(f"--sizes: unknown size(s) {bad}; known: {sorted(SIZES)}")
+    sizes = parse_sizes(ap, args.sizes, SIZES)
     if args.repeats < 2:
         ap.error("--repeats must be >= 2")
     t0 = time.perf_counter()

@@ -70,7 +70,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import machine_busy_s, write_section  # noqa: E402
+from benchlib import machine_busy_s, parse_sizes, write_section  # noqa: E402
 
 from diffjax.config import base
 from diffjax.models import count_params, init_params
@@ -484,10 +484,7 @@ def main():
     steps = {k: v[not args.quick] for k, v in STEPS.items()}
     steps["A"] = args.steps_a or steps["A"]
     steps["B"] = args.steps_b or steps["B"]
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    for s in sizes:
-        if s not in SIZES:
-            ap.error(f"unknown size {s!r}; known: {sorted(SIZES)}")
+    sizes = parse_sizes(ap, args.sizes, SIZES)
 
     if args.dump_specs:
         json.dump({s: prepare(s, args.objective)[2] for s in sizes}, open(args.dump_specs, "w"), indent=1)

@@ -14,6 +14,15 @@ def markers(name):
     return f"<!-- {name}-results:begin -->", f"<!-- {name}-results:end -->"
 
 
+def parse_sizes(ap, text: str, known) -> list:
+    """``--sizes`` "A,B" -> ["A", "B"]; an empty list or a size not in ``known`` is an argparse error naming it."""
+    sizes = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in known]
+    if unknown or not sizes:
+        ap.error(f"--sizes: unknown {unknown or text!r}; known: {sorted(known)}")
+    return sizes
+
+
 def write_section(name: str, text: str, command: str):
     """Replace the block of BENCHMARKS.md between ``name``'s markers with ``text``, stamped."""
     begin, end = markers(name)

@@ -36,7 +36,7 @@ import jax  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_train import JaxContenders, gemm_gflops, host_batches, step_gflop  # noqa: E402
-from benchlib import write_section  # noqa: E402
+from benchlib import parse_sizes, write_section  # noqa: E402
 
 STEPS = {"A": 5, "B": 2}  # traced calls per size
 # not thunks: the executor's own spans (they enclose the thunks), thread-pool bookkeeping, end markers
@@ -90,10 +90,7 @@ def main():
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--write-benchmarks", action="store_true")
     args = ap.parse_args()
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = [s for s in sizes if s not in STEPS]
-    if unknown or not sizes:
-        ap.error(f"--sizes: unknown {unknown or args.sizes!r}; known: {sorted(STEPS)}")
+    sizes = parse_sizes(ap, args.sizes, STEPS)
     if args.top < 1:
         ap.error(f"--top must be >= 1; got {args.top}")
     t0 = time.perf_counter()
