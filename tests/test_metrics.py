@@ -53,6 +53,42 @@ def test_frechet_distance_from_features_separates_gaussians():
     assert shifted == pytest.approx(4.0, rel=0.1)
 
 
+def test_frechet_distance_extrapolated_removes_the_finite_sample_bias():
+    # D = 32 features against an exact reference N(0, I): the distance of n samples is biased up by
+    # ~D (D + 1) / (4 n) (the covariance square-root term); the intercept of d(n) over 1/n is not
+    rng = np.random.default_rng(5)
+    d = 32
+    reference = (np.zeros(d), np.eye(d))
+    same = rng.normal(size=(4000, d))
+    shifted = 0.25 + rng.normal(size=(4000, d))  # exact distance 32 * 0.0625 = 2
+    at_n = metrics.frechet_distance(*metrics.feature_statistics(same[:800]), *reference)
+    fit = metrics.frechet_distance_extrapolated(same, reference)
+    assert at_n > 0.25  # the bias the extrapolation removes
+    assert abs(fit.value) < 0.03 and fit.slope > 0  # at n = 4000 it is 0.07
+    assert fit.sizes[0] == 800 and fit.sizes[-1] == 4000 and fit.distances.shape == fit.sizes.shape
+    moved = metrics.frechet_distance_extrapolated(shifted, reference, num_points=8, seed=1)
+    assert moved.value == pytest.approx(2.0, abs=0.03)  # at n = 4000 it is 2.06
+    # reference given as features: the same fit as with its statistics
+    ref_features = rng.normal(size=(500, d))
+    a = metrics.frechet_distance_extrapolated(same, ref_features, sizes=[1000, 2000, 4000])
+    b = metrics.frechet_distance_extrapolated(same, metrics.feature_statistics(ref_features), sizes=[1000, 2000, 4000])
+    assert a.value == b.value
+
+
+def test_frechet_distance_extrapolated_input_errors():
+    f = np.zeros((100, 4))
+    with pytest.raises(ValueError, match=r"features must be \(N, D\); got shape \(100,\)"):
+        metrics.frechet_distance_extrapolated(np.zeros(100), (np.zeros(4), np.eye(4)))
+    with pytest.raises(ValueError, match=r"reference has feature dimension \(3,\); features are \(N, 4\)"):
+        metrics.frechet_distance_extrapolated(f, (np.zeros(3), np.eye(3)))
+    with pytest.raises(ValueError, match=r"sizes must hold >= 2 distinct subset sizes in \[2, 100\]"):
+        metrics.frechet_distance_extrapolated(f, (np.zeros(4), np.eye(4)), sizes=[50, 200])
+    with pytest.raises(ValueError, match=r"num_points must be >= 2"):
+        metrics.frechet_distance_extrapolated(f, (np.zeros(4), np.eye(4)), num_points=1)
+    with pytest.raises(ValueError, match=r"draws_per_size must be >= 1; got 0"):
+        metrics.frechet_distance_extrapolated(f, (np.zeros(4), np.eye(4)), draws_per_size=0)
+
+
 def test_feature_statistics():
     rng = np.random.default_rng(3)
     f = rng.normal(size=(50, 4)).astype(np.float32)
