@@ -39,7 +39,7 @@ _EPS = {"diffusion.prediction": "eps", "diffusion.objective": "eps"}
 # cell -> config fields set on top of experiments/configs/digits.py (None switches an optional field
 # off; a field the schema lacks, e.g. a model attribute, is added); "diffusers" is the quality peer
 CELLS = {
-    "v_minsnr5": {},  # the default: v-prediction, v-objective weighted by Min-SNR-5, no residual rescale
+    "v_minsnr5": {},  # the default: v-prediction, v-objective weighted by Min-SNR-5, no residual rescale, cosine
     "v": {"diffusion.min_snr_gamma": None},  # plain v-MSE
     "v_minsnr2": {"diffusion.min_snr_gamma": 2.0},
     "v_minsnr20": {"diffusion.min_snr_gamma": 20.0},
@@ -51,6 +51,9 @@ CELLS = {
     "skip_rescale": {"model.skip_rescale": True},  # residual sums divided by sqrt(2) (DDPM++)
     "no_zero_init": {"model.zero_init": False},  # residual branches and output conv not zero-initialised
     "groups8": {"model.num_groups": 8},  # GroupNorm groups as the peer (DDPM++ rule: C // 4 up to 32)
+    "cosine": {"diffusion.schedule": "vp_cosine"},  # Nichol & Dhariwal's cosine alpha_bar (the default since 2026-11-25)
+    "vp_linear": {"diffusion.schedule": "vp_linear"},  # the default until 2026-11-25
+    "no_dropout": {"model.dropout": 0.0},
     "diffusers_like": {"model.skip_rescale": False, "model.zero_init": False, "model.num_groups": 8},
     "diffusers": None,  # experiments/peers/diffusers_quality_peer.py for the same number of steps
 }
@@ -173,11 +176,20 @@ def run_cell(cell, steps, train_seed, nfe, num_samples, sample_seeds, grids, eva
     return rows
 
 
+# recipe fields recorded only since they were added to RECIPE_FIELDS: what older rows were trained with
+BEFORE_RECORDED = {"diffusion.schedule": "vp_linear", "model.dropout": 0.1}
+
+
 def load_rows():
     if not os.path.exists(RESULTS):
         return []
     with open(RESULTS) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    for r in rows:
+        for field, value in BEFORE_RECORDED.items():
+            if r["recipe"] is not None:
+                r["recipe"].setdefault(field, value)
+    return rows
 
 
 def store(row):
