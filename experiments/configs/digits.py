@@ -4,10 +4,12 @@
 
 ``base()`` plus two fields:
 
-* the cosine schedule (Nichol & Dhariwal 2021) instead of ``base()``'s VP-linear. On 8x8 images the
-  linear schedule leaves little signal over most of t; with cosine the Fréchet distance of 1000
-  samples (experiments/ablate_recipe.py, BENCHMARKS.md "Training recipe") fell from 39.8 / 35.1 to
-  28.2 / 24.3 after 400 steps (training seeds 0 / 1) and from 4.0 / 3.9 to 3.3 / ... after 2100;
+* the cosine schedule (Nichol & Dhariwal 2021) instead of ``base()``'s VP-linear. The linear
+  schedule is close to pure noise over half of t (SNR 0.086 at t = 0.5, 0.003 at 0.75; cosine 0.98
+  and 0.17), which Nichol & Dhariwal found wasteful at low resolution. With cosine the Fréchet
+  distance of 1000 samples (experiments/ablate_recipe.py, BENCHMARKS.md "Training recipe") fell from 39.8 / 35.1 to
+  28.2 / 24.3 after 400 steps (training seeds 0 / 1) and from 4.0 / 3.9 to 3.3 / 2.7 after 2100
+  (the diffusers peer: 3.6 / 3.6);
 * five train steps fused per jitted call (``lax.scan``; 600, 50 and 500 steps are multiples of 5):
   ~10% more steps/s on 2 CPU cores than one step per call (experiments/bench_train.py, "4 per
   call" rows in BENCHMARKS.md). ``base()`` keeps one step per call so that any

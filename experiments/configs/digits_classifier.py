@@ -2,7 +2,8 @@
 
     python -m diffjax.main --config experiments/configs/digits_classifier.py --workdir runs/digits_classifier
 
-Same schedule as ``digits.py`` (guidance asks it about that schedule's x_t); ADM's encoder half
+Same schedule as ``digits.py``, cosine (guidance asks it about that schedule's x_t, and
+``diffjax.generate`` refuses a classifier trained on another schedule than the model); ADM's encoder half
 (``EncoderClassifier``) at the digits U-Net's width; reports test accuracy across t.
 """
 
@@ -11,6 +12,7 @@ from diffjax.config import base
 
 def get_config():
     c = base()
+    c.diffusion.schedule = "vp_cosine"  # as digits.py, the unconditional model it guides
     c.task = "classifier"
     c.model.name = "classifier"
     c.model.attn_resolutions = ()
