@@ -135,18 +135,23 @@ def frechet_distance_extrapolated(features, reference, *, sizes=None, num_points
     subsets (without replacement) of ``features`` at ``sizes`` (default: ``num_points`` sizes from
     N/5 to N, N = len(features)), ``draws_per_size`` subsets each (their mean; with one draw the
     intercept moved by as much as its own size between subset seeds on 2000 digit samples), fits
-    d(n) = value + slope / n by least squares, and returns the intercept. ``reference`` is an (M, D) feature array or its ``(mu, sigma)``; its own finite-M
-    error is not removed (it is shared by every model scored against the same reference).
+    d(n) = value + slope / n by least squares, and returns the intercept. ``reference``: an (M, D)
+    feature array, or its statistics as a tuple ``(mu, sigma)``; its own finite-M error is not
+    removed (it is shared by every model scored against the same reference).
     """
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2:
         raise ValueError(f"features must be (N, D); got shape {f.shape}")
-    if isinstance(reference, (tuple, list)) and len(reference) == 2:
+    if isinstance(reference, tuple):
+        if len(reference) != 2:
+            raise ValueError(f"reference as statistics must be the tuple (mu, sigma); got {len(reference)} items")
         mu_ref, sigma_ref = (np.asarray(a, dtype=np.float64) for a in reference)
     else:
         mu_ref, sigma_ref = feature_statistics(reference)
-    if mu_ref.shape != (f.shape[1],):
-        raise ValueError(f"reference has feature dimension {mu_ref.shape}; features are (N, {f.shape[1]})")
+    dim = f.shape[1]
+    if mu_ref.shape != (dim,) or sigma_ref.shape != (dim, dim):
+        raise ValueError(f"reference statistics have shapes mu {mu_ref.shape}, sigma {sigma_ref.shape}; features "
+                         f"(N, {dim}) need ({dim},) and ({dim}, {dim})")
     n = f.shape[0]
     if sizes is None:
         if num_points < 2:

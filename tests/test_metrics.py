@@ -79,8 +79,15 @@ def test_frechet_distance_extrapolated_input_errors():
     f = np.zeros((100, 4))
     with pytest.raises(ValueError, match=r"features must be \(N, D\); got shape \(100,\)"):
         metrics.frechet_distance_extrapolated(np.zeros(100), (np.zeros(4), np.eye(4)))
-    with pytest.raises(ValueError, match=r"reference has feature dimension \(3,\); features are \(N, 4\)"):
+    with pytest.raises(ValueError, match=r"reference statistics have shapes mu \(3,\), sigma \(3, 3\); "
+                                         r"features \(N, 4\) need \(4,\) and \(4, 4\)"):
         metrics.frechet_distance_extrapolated(f, (np.zeros(3), np.eye(3)))
+    with pytest.raises(ValueError, match=r"sigma \(3, 3\)"):
+        metrics.frechet_distance_extrapolated(f, (np.zeros(4), np.eye(3)))
+    with pytest.raises(ValueError, match=r"the tuple \(mu, sigma\); got 3 items"):
+        metrics.frechet_distance_extrapolated(f, (np.zeros(4), np.eye(4), 1))
+    with pytest.raises(ValueError, match=r"features must be \(N, D\)"):  # a reference of the wrong rank
+        metrics.frechet_distance_extrapolated(f, np.zeros(4))
     with pytest.raises(ValueError, match=r"sizes must hold >= 2 distinct subset sizes in \[2, 100\]"):
         metrics.frechet_distance_extrapolated(f, (np.zeros(4), np.eye(4)), sizes=[50, 200])
     with pytest.raises(ValueError, match=r"num_points must be >= 2"):
