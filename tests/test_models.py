@@ -21,7 +21,7 @@ from diffjax.models import (
     sinusoidal_embedding,
     fourier_embedding,
 )
-from diffjax.models.embeddings import TimeEmbedding
+from diffjax.models.embeddings import TimeEmbedding, default_init
 from diffjax.models.dropout import Dropout, threefry_bits
 from diffjax.models.unet import default_num_groups
 
@@ -384,6 +384,56 @@ def test_init_and_model_fn_errors(mlp):
     with pytest.raises(ValueError, match="variables dict"):
         make_model_fn(module)(v["params"], jnp.ones((1, 2)), jnp.ones((1,)))
     assert count_params(v) == sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(v))
+
+
+# ---- attention (diffjax.models.unet.spatial_attention, AttnBlock) ------------------------------
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_spatial_attention_matches_dot_product_attention(heads):
+    """Values and gradients equal ``jax.nn.dot_product_attention`` on (B, T, heads, d) to f32 rounding."""
+    from diffjax.models.unet import spatial_attention
+
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    b, t, c = 2, 10, 8
+    q, kk, v, g = (2.0 * jax.random.normal(ki, (b, t, c)) for ki in k)
+
+    def ref(q, k, v):
+        split = lambda a: a.reshape(b, t, heads, c // heads)  # noqa: E731
+        return jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(b, t, c)
+
+    out_r, vjp_r = jax.vjp(ref, q, kk, v)
+    out_o, vjp_o = jax.vjp(lambda q, k, v: spatial_attention(q, k, v, heads), q, kk, v)
+    np.testing.assert_allclose(out_o, out_r, rtol=1e-5, atol=1e-5)
+    for a, r, name in zip(vjp_o(g), vjp_r(g), "qkv"):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_attn_block_is_fused_dense_qkv_attention():
+    """AttnBlock keeps nn.Dense(3C)'s "qkv" parameters and init, and computes the textbook block with them."""
+    import flax.linen as nn
+
+    from diffjax.models.norm import group_norm
+    from diffjax.models.unet import AttnBlock
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 8))
+    block = AttnBlock(num_heads=2, num_groups=2, zero_init=False)
+    params = block.init(KEY, x)["params"]
+    assert jax.tree.map(jnp.shape, params["qkv"]) == {"kernel": (8, 24), "bias": (24,)}
+    class Fused(nn.Module):  # nn.Dense(3C) named "qkv" at the root: the same rng path, the same initial kernel
+        @nn.compact
+        def __call__(self, h):
+            return nn.Dense(24, kernel_init=default_init(), name="qkv")(h)
+
+    ref_kernel = Fused().init(KEY, x.reshape(2, 16, 8))["params"]["qkv"]["kernel"]
+    np.testing.assert_array_equal(params["qkv"]["kernel"], ref_kernel)
+
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+    h = group_norm(x, params["norm"]["scale"], params["norm"]["bias"], 2).reshape(2, 16, 8)
+    qkv = h @ params["qkv"]["kernel"] + params["qkv"]["bias"]
+    q, k, v = jnp.split(qkv.reshape(2, 16, 6, 4), 3, axis=2)
+    a = jax.nn.dot_product_attention(q, k, v).reshape(2, 16, 8)
+    want = (x + (a @ params["out"]["kernel"] + params["out"]["bias"]).reshape(x.shape)) / np.sqrt(2.0)
+    np.testing.assert_allclose(block.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
 
 
 # ---- GroupNorm with the hand-written backward (diffjax.models.norm) ----------------------------

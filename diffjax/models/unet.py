@@ -24,7 +24,7 @@ from diffjax.models.conv import Conv
 from diffjax.models.dropout import Dropout
 from diffjax.models.norm import GroupNorm, silu
 
-__all__ = ["UNet", "ResBlock", "AttnBlock", "Downsample", "Upsample", "default_num_groups"]
+__all__ = ["UNet", "ResBlock", "AttnBlock", "spatial_attention", "Downsample", "Upsample", "default_num_groups"]
 
 _ZERO = nn.initializers.zeros
 
@@ -122,6 +122,47 @@ class ResBlock(nn.Module):
         return out / math.sqrt(2.0) if self.skip_rescale else out
 
 
+def spatial_attention(q, k, v, num_heads: int):
+    """softmax(q k^T / sqrt(d)) v per head over positions (Vaswani et al. 2017 eq. 1); q, k, v (B, T, C) -> (B, T, C).
+
+    Head h owns channels [h d, (h + 1) d), d = C / num_heads (the layout of ``jax.nn.dot_product_attention``
+    on (B, T, heads, d)); logits and softmax in at least float32. Written as two batched matmuls on
+    (B, T, C) (one head) or (B, T, heads, d): XLA:CPU ran the forward + backward of this form 1.7-1.9x
+    faster than ``jax.nn.dot_product_attention`` on a (B, T, 3 heads, d) slice of one fused qkv
+    projection (16x16x64, batch 32; BENCHMARKS.md, "Attention block").
+    """
+    b, t, c = q.shape
+    d = c // num_heads
+    f32 = jnp.promote_types(q.dtype, jnp.float32)
+    q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    if num_heads == 1:
+        logits = jnp.einsum("btc,bsc->bts", q, k, preferred_element_type=f32)
+        p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bts,bsc->btc", p, v)
+    q, k, v = (a.reshape(b, t, num_heads, d) for a in (q, k, v))
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=f32)
+    p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", p, v).reshape(b, t, c)
+
+
+class _QKV(nn.Module):
+    """``nn.Dense(3 C)``'s parameters (kernel (C, 3 C), bias (3 C)) applied as three (C, C) projections.
+
+    Same parameters and init as the fused Dense (checkpoints carry over); three matmuls instead of
+    one followed by slicing its output, whose strided copies (and their transposes in the backward)
+    cost more than the matmuls on XLA:CPU.
+    """
+
+    @nn.compact
+    def __call__(self, h):
+        c = h.shape[-1]
+        kernel = self.param("kernel", default_init(), (c, 3 * c))
+        bias = self.param("bias", _ZERO, (3 * c,))
+        dtype = jnp.result_type(h, kernel)
+        h, kernel, bias = h.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+        return tuple(h @ kernel[:, i * c:(i + 1) * c] + bias[i * c:(i + 1) * c] for i in range(3))
+
+
 class AttnBlock(nn.Module):
     """Multi-head self-attention over spatial positions, residual, zero-initialised output (Vaswani et al. 2017; Ho et al. 2020)."""
 
@@ -135,11 +176,8 @@ class AttnBlock(nn.Module):
         b, hgt, wid, c = x.shape
         if c % self.num_heads:
             raise ValueError(f"attention channels {c} not divisible by num_heads={self.num_heads}")
-        d = c // self.num_heads
         h = _norm(c, self.num_groups, "norm")(x, train).reshape(b, hgt * wid, c)
-        qkv = nn.Dense(3 * c, kernel_init=default_init(), name="qkv")(h)
-        q, k, v = jnp.split(qkv.reshape(b, hgt * wid, 3 * self.num_heads, d), 3, axis=2)
-        a = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
+        a = spatial_attention(*_QKV(name="qkv")(h), self.num_heads)
         out_init = _ZERO if self.zero_init else default_init()
         out = x + nn.Dense(c, kernel_init=out_init, name="out")(a).reshape(b, hgt, wid, c)
         return out / math.sqrt(2.0) if self.skip_rescale else out
