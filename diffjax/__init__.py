@@ -6,6 +6,7 @@ schedules -> parameterization -> samplers / likelihood / losses -> training -> e
 from diffjax import xla_cpu
 
 xla_cpu.apply()  # before anything starts a JAX backend; see diffjax/xla_cpu.py
+xla_cpu.apply_malloc()
 
 from diffjax import losses, parameterization, schedules, sde, timesteps
 from diffjax.parameterization import Denoised, convert, make_denoiser
