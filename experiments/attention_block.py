@@ -60,6 +60,10 @@ def jax_contenders(shape):
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     g = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     params = AttnBlock().init(jax.random.PRNGKey(0), x)  # both blocks take this parameter tree
+    # away from the zero-initialised output layer, so that every gradient is nonzero and compared
+    leaves, tree = jax.tree.flatten(params)
+    rng = np.random.default_rng(2)
+    params = jax.tree.unflatten(tree, [v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) for v in leaves])
     out = {}
     for name, block in (("diffjax AttnBlock", AttnBlock()), ("fused qkv + jax.nn.dot_product_attention", fused_qkv_block())):
         f = jax.jit(lambda p, x, g, block=block: jax.vjp(lambda p, x: block.apply(p, x, train=True), p, x)[1](g))
