@@ -127,9 +127,9 @@ def spatial_attention(q, k, v, num_heads: int):
 
     Head h owns channels [h d, (h + 1) d), d = C / num_heads (the layout of ``jax.nn.dot_product_attention``
     on (B, T, heads, d)); logits and softmax in at least float32. Written as two batched matmuls on
-    (B, T, C) (one head) or (B, T, heads, d): XLA:CPU ran the forward + backward of this form 1.7-1.9x
-    faster than ``jax.nn.dot_product_attention`` on a (B, T, 3 heads, d) slice of one fused qkv
-    projection (16x16x64, batch 32; BENCHMARKS.md, "Attention block").
+    (B, T, C) (one head) or (B, T, heads, d), with q, k, v from three projections (``_QKV``) instead
+    of slices of one fused projection's output: the whole block's forward + backward on XLA:CPU
+    1.16x faster at 16x16x64 (batch 32), 0.93x at 8x8 and 4x4 (BENCHMARKS.md, "Attention block").
     """
     b, t, c = q.shape
     d = c // num_heads
