@@ -126,6 +126,38 @@ class Trainer:
         return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
+# aten ops by kind, for step_floor.py: the convolutions and matrix products (forward and backward),
+# the fused attention kernels (their matmuls and softmax), dropout's mask draws; the rest is everything else
+OP_KINDS = {
+    "conv": ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
+             "aten::_slow_conv2d_backward"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "dropout_masks": ("aten::bernoulli_",),
+}
+
+
+def profile_bare(trainer, n: int) -> dict:
+    """Per step: wall of n bare forward + backward steps under ``torch.profiler`` and the self CPU time per op kind.
+
+    With intra-op threads an op's self time on the calling thread is its wall time (the pool's work
+    is inside it), so the kinds' times are comparable with the wall.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = trainer.bare()
+        float(out.detach())
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    kinds = {k: sum(e.self_cpu_time_total for e in events if e.key in ops) / 1e6 / n for k, ops in OP_KINDS.items()}
+    counts = {k: sum(e.count for e in events if e.key in ops) / n for k, ops in OP_KINDS.items()}
+    return dict(per_step_s=wall / n, kinds_s=kinds, counts=counts)
+
+
 def versions() -> dict:
     return dict(torch=torch.__version__, diffusers=diffusers.__version__, torch_threads=torch.get_num_threads(),
                 torch_interop_threads=torch.get_num_interop_threads())
@@ -146,7 +178,7 @@ def gemm_gflops(n: int, repeats: int) -> list:
 
 def serve():
     """JSON-lines loop: {"cmd": "setup", "name", "spec"} | {"cmd": "run", "name", "what", "n"} |
-    {"cmd": "gemm", "n", "repeats"} | {"cmd": "quit"}."""
+    {"cmd": "profile", "name", "n"} | {"cmd": "gemm", "n", "repeats"} | {"cmd": "quit"}."""
     trainers = {}
 
     def reply(obj):
@@ -171,6 +203,8 @@ def serve():
             elif msg["cmd"] == "run":
                 wall, cpu = trainers[msg["name"]].run(msg["what"], int(msg["n"]))
                 reply({"per_step_s": wall, "cpu_per_step_s": cpu})
+            elif msg["cmd"] == "profile":
+                reply(profile_bare(trainers[msg["name"]], int(msg["n"])))
             elif msg["cmd"] == "gemm":
                 reply({"gflops": gemm_gflops(int(msg["n"]), int(msg["repeats"]))})
             else:

@@ -1,0 +1,49 @@
+"""The benchmark scripts' own bookkeeping, where a silent miscount would change a reported figure."""
+
+import collections
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import step_floor  # noqa: E402
+
+from diffjax.models.conv import conv2d_same  # noqa: E402
+
+
+def test_step_floor_finds_every_convolution_and_matmul_of_a_gradient():
+    """Forward conv + its two hand-written gradient convs (custom VJP, inside a nested jit), and a dot with its two."""
+    x, w, v = jnp.ones((2, 4, 4, 3)), jnp.ones((3, 3, 3, 5)), jnp.ones((5, 7))
+
+    @jax.jit
+    def f(x, w, v):
+        return jnp.sum(conv2d_same(x, w) @ v)
+
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, w, v)
+    eqns = step_floor.gemm_eqns(jaxpr.jaxpr)
+    assert collections.Counter(e.primitive.name for e in eqns) == {"conv_general_dilated": 3, "dot_general": 3}
+    fwd = next(e for e in eqns if e.primitive.name == "conv_general_dilated"
+               and tuple(e.invars[1].aval.shape) == (3, 3, 3, 5))
+    # 2 FLOPs per multiply-add: every output element (2, 4, 4, 5) contracts a 3x3 window of 3 channels
+    assert step_floor._contracted(fwd) == 27
+    dot = next(e for e in eqns if e.primitive.name == "dot_general" and tuple(e.invars[1].aval.shape) == (5, 7))
+    assert step_floor._contracted(dot) == 5
+
+
+def test_step_floor_times_each_distinct_op_once_with_its_count():
+    x = jnp.ones((2, 4, 4, 3))
+    w = jnp.ones((3, 3, 3, 3))
+
+    def f(x, w):
+        return jnp.sum(conv2d_same(conv2d_same(x, w), w))  # the same conv signature twice
+
+    floor = step_floor.OpFloor(jax.make_jaxpr(f)(x, w))
+    assert [(o["prim"], o["count"]) for o in floor.ops] == [("conv_general_dilated", 2)]
+    floor.run()
+    s = floor.summary()
+    assert s["count"]["conv_general_dilated"] == 2 and s["distinct"] == 1
+    assert s["flop"]["conv_general_dilated"] == 2 * (2 * 2 * 4 * 4 * 3 * 27)
+    assert np.isfinite(s["seconds"]["conv_general_dilated"]) and s["seconds"]["conv_general_dilated"] >= 0
