@@ -551,27 +551,52 @@ def test_malloc_options_rules(monkeypatch):
     assert "glibc" in xla_cpu._malloc_skip_reason({})
 
 
+_FAULTS_SCRIPT = """
+import json, os, platform, resource
+import diffjax  # before JAX starts: applies (or, with DIFFJAX_MALLOC_TUNE=0, skips) the malloc options
+from diffjax import xla_cpu
+import jax, jax.numpy as jnp
+x = jnp.linspace(0.0, 1.0, 5000)
+f = jax.jit(lambda x: jnp.outer(x, jnp.sin(x)) @ x)  # the 5000 x 5000 outer product is materialised for the dot
+for _ in range(30):  # the heap grows by one buffer per call until it holds ~1 GiB (the trim threshold),
+    jax.block_until_ready(f(x))  # then hands blocks out again: ~10-13 calls here, so 12 was too few once
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    jax.block_until_ready(f(x))
+print(json.dumps(dict(faults=(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 3,
+                      malloc=xla_cpu.status()["malloc"], libc=platform.libc_ver()[0],
+                      skip=xla_cpu._malloc_skip_reason(os.environ))))
+"""
+
+
 def test_malloc_options_keep_xla_temp_buffer_resident():
-    """In this process (diffjax imported before JAX started) a program whose ~100 MB intermediate lives in
-    XLA:CPU's per-execution temporary buffer no longer page-faults it in again at every call."""
-    import platform
-    import resource
+    """A program whose ~100 MB intermediate lives in XLA:CPU's per-execution temporary buffer page-faults it in
+    at every call with glibc's defaults, and not with diffjax's malloc options.
+
+    Each setting runs in a fresh process (diffjax imported before JAX starts, as the options need): in a
+    test worker that has already compiled and freed hundreds of programs, where the buffer lands in the
+    heap depends on what ran before."""
+    import json
+    import subprocess
+    import sys
 
     from diffjax import xla_cpu
 
-    st = xla_cpu.status()
-    if platform.libc_ver()[0] != "glibc" or os.environ.get(xla_cpu.MALLOC_OPT_OUT) or xla_cpu._malloc_skip_reason(os.environ):
-        pytest.skip(f"malloc options not applicable here: {st['malloc_skipped']}")
-    assert st["malloc"] == xla_cpu.MALLOC_OPTIONS, st
-    x = jnp.linspace(0.0, 1.0, 5000)
-    f = jax.jit(lambda x: jnp.outer(x, jnp.sin(x)) @ x)  # the 5000 x 5000 outer product is materialised for the dot
-    for _ in range(12):  # glibc's heap takes a few calls to settle on blocks it can hand out again
-        jax.block_until_ready(f(x))
-    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        jax.block_until_ready(f(x))
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 3
-    assert faults < 2000, faults  # 100 MB in fresh 4 KiB pages would be ~24,400 faults per call
+    def faults(**env):
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, **env})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    env = {k: v for k, v in os.environ.items() if k != xla_cpu.MALLOC_OPT_OUT}
+    if xla_cpu._malloc_skip_reason(env):
+        pytest.skip(f"malloc options not applicable here: {xla_cpu._malloc_skip_reason(env)}")
+    on = faults(**{xla_cpu.MALLOC_OPT_OUT: "1"})
+    assert on["malloc"] == xla_cpu.MALLOC_OPTIONS, on
+    off = faults(**{xla_cpu.MALLOC_OPT_OUT: "0"})
+    assert off["malloc"] == {}, off
+    # 100 MB in fresh 4 KiB pages is ~24,400 faults per call
+    assert on["faults"] < 2000 and off["faults"] > 10000, (on, off)
 
 
 # ---- convolution with canonical-form gradients (diffjax.models.conv) --------------------------
