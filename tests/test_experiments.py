@@ -47,3 +47,7 @@ def test_step_floor_times_each_distinct_op_once_with_its_count():
     assert s["count"]["conv_general_dilated"] == 2 and s["distinct"] == 1
     assert s["flop"]["conv_general_dilated"] == 2 * (2 * 2 * 4 * 4 * 3 * 27)
     assert np.isfinite(s["seconds"]["conv_general_dilated"]) and s["seconds"]["conv_general_dilated"] >= 0
+    # the one-program floor runs both instances, each on its own inputs (XLA must not merge them into one)
+    prog = floor.programs["conv_general_dilated"]
+    assert len(prog["args"]) == 2 and not np.array_equal(prog["args"][0][0], prog["args"][1][0])
+    assert len(prog["fn"](prog["args"])) == 2 and s["one_program_s"]["conv_general_dilated"] > 0
