@@ -55,31 +55,29 @@ GEMM_PRIMS = ("conv_general_dilated", "dot_general")
 CALLS = 15  # timed calls per distinct op per repeat (each blocked)
 
 
-def _subjaxprs(value):
-    if isinstance(value, jex.core.ClosedJaxpr):
-        yield value.jaxpr
-    elif isinstance(value, jex.core.Jaxpr):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _subjaxprs(v)
-
-
 def gemm_eqns(jaxpr) -> list:
     """Every convolution and dot_general equation of a jaxpr, nested jaxprs (jit, custom rules) included."""
     out = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in GEMM_PRIMS:
             out.append(eqn)
-        for value in eqn.params.values():
-            for sub in _subjaxprs(value):
-                out += gemm_eqns(sub)
+        for sub in jex.core.jaxprs_in_params(eqn.params):
+            out += gemm_eqns(sub)
     return out
 
 
 def signature(eqn) -> tuple:
     avals = tuple((tuple(v.aval.shape), str(v.aval.dtype)) for v in eqn.invars)
     return eqn.primitive.name, avals, tuple(sorted((k, repr(v)) for k, v in eqn.params.items()))
+
+
+def _random_inputs(eqn, key) -> tuple:
+    """Standard-normal arrays shaped like the equation's inputs (literals kept), and the next key."""
+    args = []
+    for v in eqn.invars:
+        key, sub = jax.random.split(key)
+        args.append(v.val if isinstance(v, jex.core.Literal) else jax.random.normal(sub, v.aval.shape, v.aval.dtype))
+    return args, key
 
 
 class OpFloor:
@@ -93,13 +91,9 @@ class OpFloor:
             groups.setdefault(signature(e), []).append(e)
         key = jax.random.PRNGKey(0)
         self.ops = []
-        for sig, es in groups.items():
+        for es in groups.values():
             e = es[0]
-            args = []
-            for v in e.invars:
-                key, sub = jax.random.split(key)
-                args.append(jax.random.normal(sub, v.aval.shape, v.aval.dtype) if not isinstance(v, jex.core.Literal)
-                            else v.val)
+            args, key = _random_inputs(e, key)
             fn = jax.jit(lambda *a, e=e: e.primitive.bind(*a, **e.params))
             jax.block_until_ready(fn(*args))
             flop = 2 * np.prod(e.outvars[0].aval.shape, dtype=np.float64) * _contracted(e)
@@ -114,11 +108,7 @@ class OpFloor:
             es = [e for e in eqns if e.primitive.name == prim]
             args = []
             for e in es:
-                a = []
-                for v in e.invars:
-                    key, sub = jax.random.split(key)
-                    a.append(jax.random.normal(sub, v.aval.shape, v.aval.dtype)
-                             if not isinstance(v, jex.core.Literal) else v.val)
+                a, key = _random_inputs(e, key)
                 args.append(a)
             fn = jax.jit(lambda args, es=es: [e.primitive.bind(*a, **e.params) for e, a in zip(es, args)])
             jax.block_until_ready(fn(args))
@@ -276,7 +266,11 @@ def main():
                     "the results of an earlier run from its json")
     args = ap.parse_args()
     if args.render:
-        saved = json.load(open(args.render))
+        try:
+            saved = json.load(open(args.render))
+            saved["results"], saved["meta"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--render: {args.render!r} is not a step_floor.py results json ({type(e).__name__}: {e})")
         text = fmt(saved["results"], saved["meta"])
         print(text)
         if args.write_benchmarks:
