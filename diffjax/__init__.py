@@ -1,14 +1,12 @@
 """diffjax: diffusion models in JAX, pure functions all the way down.
 
 schedules -> parameterization -> samplers / likelihood / losses -> training -> experiments.
+
+Importing diffjax changes nothing global (environment, allocator, JAX settings); programs that run on
+XLA:CPU may call ``diffjax.xla_cpu.tune()`` first, as the CLIs do.
 """
 
-from diffjax import xla_cpu
-
-xla_cpu.apply()  # before anything starts a JAX backend; see diffjax/xla_cpu.py
-xla_cpu.apply_malloc()
-
-from diffjax import losses, parameterization, schedules, sde, timesteps
+from diffjax import losses, parameterization, schedules, sde, timesteps, xla_cpu
 from diffjax.parameterization import Denoised, convert, make_denoiser
 from diffjax.samplers import METHODS, sample
 from diffjax.schedules import (

@@ -1,42 +1,24 @@
-"""XLA:CPU compiler flags and glibc malloc options that diffjax sets on import (before JAX starts its CPU backend).
+"""XLA:CPU tuning for diffjax's entry points: one compiler flag and glibc malloc options, set by an explicit call.
 
-1. Compiler flags (``CPU_FLAGS``, appended to ``XLA_FLAGS``).
+``import diffjax`` changes nothing global. A program that trains or samples on CPU calls ``tune()`` before
+anything starts a JAX backend (the CLIs ``python -m diffjax.main`` / ``diffjax.generate`` and the test suite do);
+``python -m diffjax.xla_cpu`` prints the same settings as environment variables for launch scripts. Where JAX
+runs on GPU or TPU neither setting has any effect on the accelerator.
 
-jaxlib 0.10 lowers every convolution on CPU to a YNNPACK fusion (``__ynn_fusion`` in the
-compiled HLO). Its weight-gradient convolutions (window = the whole feature map, 3x3 output)
-ran at ~16 GFLOP/s in the U-Net train step here (2-core AMD EPYC, AVX2), and the 3x3 forward at
-~80; XLA's Eigen convolution path, which ``--xla_cpu_experimental_ynn_fusion_type=`` (no YNNPACK
-fusions) restores, ran a 3x3 conv forward + backward 2.4-5x faster (32x32x64, batch 32: 175 ms
--> 33 ms) and the whole train step of ``experiments/bench_train.py`` 1.35-1.5x faster.
-``experiments/xla_cpu_flags.py`` re-measures both on the machine at hand.
+1. Compiler flags (``CPU_FLAGS``, appended to ``XLA_FLAGS``): ``--xla_cpu_experimental_ynn_fusion_type=`` turns
+   off jaxlib 0.10's YNNPACK fusions, so convolutions and dots run on XLA's Eigen kernels, which ran the U-Net
+   train step faster here (BENCHMARKS.md, "XLA:CPU flags"). Rules: applied only to the jaxlib versions it was
+   measured on (XLA aborts on a flag it does not know); a flag the user already put in ``XLA_FLAGS`` is left as
+   set; ``DIFFJAX_XLA_CPU_FLAGS=0`` turns it off; it only changes ``os.environ["XLA_FLAGS"]``, so once a backend is
+   running it reaches only child processes (``status()`` says so).
 
-Rules, so that importing diffjax never surprises:
-  * applied only to jaxlib 0.10.x, the versions it was measured on (XLA aborts the process on a
-    flag it does not know, so an untested jaxlib gets nothing);
-  * a flag the user already put in ``XLA_FLAGS`` (any value) is left as the user set it;
-  * ``DIFFJAX_XLA_CPU_FLAGS=0`` turns it off;
-  * it only changes ``os.environ["XLA_FLAGS"]``: once a JAX backend is running it has no
-    effect on this process (``status()`` says so) and only reaches child processes.
-The flags touch the CPU backend only; GPU and TPU ignore them.
-
-2. malloc options (``MALLOC_OPTIONS``, glibc's ``mallopt``; ``apply_malloc``). XLA:CPU allocates one
-temporary buffer per execution of a compiled program for all its intermediates and frees it at
-the end. glibc serves a block above its mmap threshold (at most 32 MiB), and one above 64 MiB in a
-thread's own arena always, with a fresh ``mmap`` and ``munmap``s it on free: every step then
-page-faults its whole temporary buffer back in, zero-filled. Measured with ``getrusage``
-(``experiments/malloc_tune.py``): ~31,700 minor faults and ~80 ms of kernel CPU per train step of
-bench_train's size A (the digits U-Net), ~84,000 at size B. With one arena, no mmap and a 1 GiB
-trim threshold the buffer stays in the heap and is handed out again: no faults after the first
-few steps; the train step 1.05x (A) and 1.13x (B) faster, the bare forward + backward 1.11x / 1.18x
-(medians of 3 alternating process pairs, 2-core EPYC, BENCHMARKS.md "glibc malloc options"). The
-cost: freed memory up to 1 GiB stays with the process (as with tcmalloc or jemalloc): peak resident
-memory of that benchmark's processes (two compiled programs each) +11% at A, +29% (+0.5 GB) at B;
-all threads share one arena; and the heap can take a few calls to settle (in a toy program whose
-100 MB intermediate was its only large block, resident memory grew to ~1.1 GB over 8 calls, then held).
-Rules: Linux with glibc only; nothing if ``DIFFJAX_MALLOC_TUNE=0`` or if the user set glibc malloc
-options in the environment (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_MAX_``, ``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_``, or ``glibc.malloc`` tunables in ``GLIBC_TUNABLES``); nothing once a JAX
-backend is running (its threads already own arenas).
+2. malloc options (``MALLOC_OPTIONS``, glibc ``mallopt``): XLA:CPU allocates one temporary buffer per execution
+   of a compiled program; with glibc's defaults a large one is ``mmap``-ed and unmapped every call, so each step
+   page-faults it back in. One arena, no mmap and a 1 GiB trim threshold keep it in the heap
+   (BENCHMARKS.md, "glibc malloc options"); the cost is that up to 1 GiB of freed memory stays with the process
+   and all threads share one arena. Rules: Linux with glibc only; nothing if ``DIFFJAX_MALLOC_TUNE=0`` or if the
+   user set glibc malloc options in the environment; nothing once a JAX backend is running (its threads already
+   own arenas).
 """
 
 from __future__ import annotations
@@ -46,7 +28,7 @@ import os
 import platform
 import sys
 
-__all__ = ["CPU_FLAGS", "MALLOC_OPTIONS", "apply", "apply_malloc", "status"]
+__all__ = ["CPU_FLAGS", "MALLOC_OPTIONS", "tune", "apply", "apply_malloc", "environment", "status"]
 
 # flag -> value; "" means an empty list: no YNNPACK fusions, convolutions and dots use XLA's own
 # (Eigen) kernels
@@ -57,11 +39,14 @@ OPT_OUT = "DIFFJAX_XLA_CPU_FLAGS"
 # glibc mallopt parameter -> value (malloc.h: M_TRIM_THRESHOLD -1, M_MMAP_MAX -4, M_ARENA_MAX -8)
 MALLOC_OPTIONS = {"M_ARENA_MAX": 1, "M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 1 << 30}
 _MALLOPT = {"M_TRIM_THRESHOLD": -1, "M_MMAP_MAX": -4, "M_ARENA_MAX": -8}
+# the same options as glibc reads them from the environment at process start (mallopt(3))
+_MALLOC_ENV_NAME = {"M_ARENA_MAX": "MALLOC_ARENA_MAX", "M_MMAP_MAX": "MALLOC_MMAP_MAX_",
+                    "M_TRIM_THRESHOLD": "MALLOC_TRIM_THRESHOLD_"}
 MALLOC_OPT_OUT = "DIFFJAX_MALLOC_TUNE"
 MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 _applied: dict = {}
-_state = {"late": True, "at_import": "", "malloc": {}, "malloc_skipped": "not applied yet"}
+_state = {"late": True, "at_tune": "", "malloc": {}, "malloc_skipped": "tune() not called"}
 
 
 def _jaxlib_version() -> tuple:
@@ -99,7 +84,7 @@ def apply(environ=None) -> dict:
     if environ is None:
         _applied.update(added)
         _state["late"] = _backend_running()
-        _state["at_import"] = env.get("XLA_FLAGS", "")
+        _state["at_tune"] = env.get("XLA_FLAGS", "")
     return added
 
 
@@ -146,16 +131,42 @@ def apply_malloc(environ=None, mallopt=None) -> dict:
     return done
 
 
+def tune() -> dict:
+    """Set the XLA:CPU flags and glibc malloc options in this process; call before JAX starts a backend.
+
+    Returns ``{"flags": <flags added to XLA_FLAGS>, "malloc": <mallopt options set>}``; ``status()`` says
+    whether they reached the backend and, for malloc, why not where they were skipped.
+    """
+    return {"flags": apply(), "malloc": apply_malloc()}
+
+
+def environment() -> dict:
+    """The same settings as environment variables (``XLA_FLAGS`` and glibc's ``MALLOC_*_``), for launch scripts.
+
+    ``XLA_FLAGS`` carries the current value with ``CPU_FLAGS`` appended (nothing on an untested jaxlib).
+    """
+    env = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    apply(env)
+    env.update({_MALLOC_ENV_NAME[k]: str(v) for k, v in MALLOC_OPTIONS.items()})
+    return {k: v for k, v in env.items() if v}
+
+
 def status() -> dict:
     """The flags diffjax added here, whether all of CPU_FLAGS reached this process's backend, XLA_FLAGS, jaxlib.
 
-    ``in_effect``: XLA_FLAGS held every flag of CPU_FLAGS with its value when diffjax was imported
-    (added then, or inherited, e.g. from a parent process that imported diffjax) and no backend
-    had started yet. ``malloc``: the mallopt options set by ``apply_malloc`` ({} if none);
+    ``in_effect``: XLA_FLAGS held every flag of CPU_FLAGS with its value when ``tune()`` ran (added
+    then, or inherited, e.g. from a parent process) and no backend had started yet. ``malloc``: the mallopt options set by ``apply_malloc`` ({} if none);
     ``malloc_skipped``: why not ("" when they were set).
     """
-    tokens = set(_state["at_import"].split())
+    tokens = set(_state["at_tune"].split())
     present = all(f"{k}={v}" in tokens for k, v in CPU_FLAGS.items())
     return {"added_by_diffjax": dict(_applied), "in_effect": present and not _state["late"],
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jaxlib": ".".join(map(str, _jaxlib_version())),
             "malloc": dict(_state["malloc"]), "malloc_skipped": _state["malloc_skipped"]}
+
+
+if __name__ == "__main__":  # launch scripts: eval "$(python -m diffjax.xla_cpu)"
+    import shlex
+
+    for name, value in environment().items():
+        print(f"export {name}={shlex.quote(value)}")

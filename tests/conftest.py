@@ -6,6 +6,8 @@ import pytest
 
 import diffjax
 
+diffjax.xla_cpu.tune()  # the test suite is an entry point: XLA:CPU flags and malloc options before JAX starts
+
 
 def all_schedules():
     return [

@@ -4,8 +4,6 @@ import os
 
 import pytest
 
-# ---- XLA:CPU flags set on import (diffjax.xla_cpu) --------------------------------------------
-
 def test_xla_cpu_flags_rules(monkeypatch):
     from diffjax import xla_cpu
 
@@ -25,7 +23,7 @@ def test_xla_cpu_flags_rules(monkeypatch):
 
 
 def test_xla_cpu_flags_in_effect_here():
-    """This test process imported diffjax before starting JAX, so on jaxlib 0.10 the flags reached XLA."""
+    """conftest.py called ``tune()`` before starting JAX, so on jaxlib 0.10 the flags reached XLA."""
     from diffjax import xla_cpu
 
     st = xla_cpu.status()
@@ -61,9 +59,11 @@ def test_malloc_options_rules(monkeypatch):
 
 
 _FAULTS_SCRIPT = """
-import json, resource
-import diffjax  # before JAX starts: applies (or, with DIFFJAX_MALLOC_TUNE=0, skips) the malloc options
+import json, os, resource
+import diffjax  # changes nothing by itself
 from diffjax import xla_cpu
+if os.environ.get("TUNE") == "1":
+    xla_cpu.tune()  # before JAX starts: the malloc options (and the compiler flag)
 import jax, jax.numpy as jnp
 x = jnp.linspace(0.0, 1.0, 5000)
 f = jax.jit(lambda x: jnp.outer(x, jnp.sin(x)) @ x)  # the 5000 x 5000 outer product is materialised for the dot
@@ -79,7 +79,8 @@ print(json.dumps(dict(faults=(resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 def test_malloc_options_keep_xla_temp_buffer_resident():
     """A program whose ~100 MB intermediate lives in XLA:CPU's per-execution temporary buffer page-faults it in
-    at every call with glibc's defaults, and not with diffjax's malloc options.
+    at every call with glibc's defaults, and not after ``tune()``; ``import diffjax`` alone leaves glibc's
+    defaults (the faults show it, not only diffjax's own bookkeeping).
 
     Each setting runs in a fresh process (diffjax imported before JAX starts, as the options need): in a
     test worker that has already compiled and freed hundreds of programs, where the buffer lands in the
@@ -99,9 +100,52 @@ def test_malloc_options_keep_xla_temp_buffer_resident():
     env = {k: v for k, v in os.environ.items() if k != xla_cpu.MALLOC_OPT_OUT}
     if xla_cpu._malloc_skip_reason(env):
         pytest.skip(f"malloc options not applicable here: {xla_cpu._malloc_skip_reason(env)}")
-    on = faults(**{xla_cpu.MALLOC_OPT_OUT: "1"})
+    on = faults(**{xla_cpu.MALLOC_OPT_OUT: "1", "TUNE": "1"})
     assert on["malloc"] == xla_cpu.MALLOC_OPTIONS, on
-    off = faults(**{xla_cpu.MALLOC_OPT_OUT: "0"})
+    off = faults(**{xla_cpu.MALLOC_OPT_OUT: "1", "TUNE": "0"})  # import alone sets nothing
     assert off["malloc"] == {}, off
     # 100 MB in fresh 4 KiB pages is ~24,400 faults per call
     assert on["faults"] < 2000 and off["faults"] > 10000, (on, off)
+
+
+_IMPORT_SCRIPT = """
+import json, os, sys
+before = dict(os.environ)
+import jax
+config_before = {k: repr(v) for k, v in jax.config.values.items()}
+import diffjax, diffjax.main, diffjax.generate
+import diffjax.likelihood, diffjax.guidance, diffjax.models, diffjax.training
+from diffjax import xla_cpu
+after = dict(os.environ)
+config_after = {k: repr(v) for k, v in jax.config.values.items()}
+print(json.dumps(dict(env_changed=sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)),
+                      config_changed=sorted(k for k in config_before if config_before[k] != config_after.get(k)),
+                      backend_running=xla_cpu._backend_running(), malloc=xla_cpu.status()["malloc"])))
+"""
+
+
+def test_import_changes_nothing_global():
+    """``import diffjax`` (and its CLIs' modules) in a fresh process leaves os.environ, every JAX setting and
+    malloc alone, and starts no backend; the CPU tuning is the explicit ``tune()``."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", _IMPORT_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == dict(env_changed=[], config_changed=[], backend_running=False, malloc={}), got
+
+
+def test_environment_for_launch_scripts(monkeypatch):
+    from diffjax import xla_cpu
+
+    monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: (0, 10))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    env = xla_cpu.environment()
+    flag = next(iter(xla_cpu.CPU_FLAGS))
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {flag}="
+    assert env["MALLOC_ARENA_MAX"] == "1" and env["MALLOC_MMAP_MAX_"] == "0"
+    assert env["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"  # reported, not set
