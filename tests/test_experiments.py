@@ -1,17 +1,13 @@
 """The benchmark scripts' own bookkeeping, where a silent miscount would change a reported figure."""
 
 import collections
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-import step_floor  # noqa: E402
-
-from diffjax.models.conv import conv2d_same  # noqa: E402
+from diffjax.models.conv import conv2d_same
+from experiments.perf import step_floor
 
 
 def test_step_floor_finds_every_convolution_and_matmul_of_a_gradient():

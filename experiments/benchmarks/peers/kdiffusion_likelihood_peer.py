@@ -1,8 +1,8 @@
 """k-diffusion's PF-ODE log-likelihood on the exact Gaussian-mixture oracle (peer for bench_likelihood.py).
 
 Runs in its own venv (see BENCHMARKS.md, "## Samplers" for the install):
-  /work/venvs/kdiff/bin/python experiments/peers/kdiffusion_likelihood_peer.py \\
-      --problem experiments/results/lik_<name>.npz --out experiments/results/lik_<name>_kdiff.json
+  /work/venvs/kdiff/bin/python experiments/benchmarks/peers/kdiffusion_likelihood_peer.py \\
+      --problem experiments/benchmarks/results/lik_<name>.npz --out experiments/benchmarks/results/lik_<name>_kdiff.json
 
 What k-diffusion 0.1.1.post1 integrates (``k_diffusion.sampling.log_likelihood``):
   * the ODE dx/dsigma = (x - D(x, sigma)) / sigma in k-diffusion's variable x_k = x_VP / alpha,

@@ -5,7 +5,7 @@ to t_stop, then take the step to sigma = 0 (the plain denoise x0_hat(x_{t_stop})
 distance to the exact endpoint (the benchmark's reference). This is the floor that a sampler whose
 grid stops at t_stop and jumps to x_0 cannot go below, whatever it does before t_stop.
 
-    python experiments/final_step_error.py      # < 1 min; writes the "final-step" block of BENCHMARKS.md
+    python experiments/benchmarks/final_step_error.py      # < 1 min; writes the "final-step" block of BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import sys
 
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_samplers import ADAPTIVE_STEPS, make_problem, rms  # noqa: E402
-from benchlib import write_section  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
+from experiments.benchmarks.bench_samplers import ADAPTIVE_STEPS, make_problem, rms  # noqa: E402
+from experiments.benchmarks.benchlib import write_section  # noqa: E402
 import diffjax  # noqa: E402
 from diffjax.parameterization import make_denoiser  # noqa: E402
 
@@ -41,7 +42,7 @@ def main():
         print(lines[-1], flush=True)
     write_section("final-step", "RMS distance to the exact ODE endpoint of the exact x_{t_stop} followed by "
                   "the plain denoise (n = 2000, same x_T as the sampler tables).\n\n" + "\n".join(lines),
-                  "python experiments/final_step_error.py")
+                  "python experiments/benchmarks/final_step_error.py")
 
 
 if __name__ == "__main__":

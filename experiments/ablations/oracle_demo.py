@@ -1,6 +1,6 @@
 """Oracle demo: sample the exact 2-D mixture denoiser and write a PNG (no training involved).
 
-    python experiments/oracle_demo.py --workdir runs/oracle_demo
+    python experiments/ablations/oracle_demo.py --workdir runs/oracle_demo
 
 Samples the exact Bayes-optimal denoiser of an 8-mode ring mixture with DPM-Solver++(2M),
 reports the sliced Wasserstein distance to exact samples next to its finite-sample floor

@@ -1,7 +1,7 @@
 """Where the U-Net's forward + backward spends its time on XLA:CPU: the traced thunks of one compiled program, by kind.
 
-    python experiments/profile_step.py                      # sizes A and B of bench_train.py, ~2 min
-    python experiments/profile_step.py --write-benchmarks   # also the "train-profile" block of BENCHMARKS.md
+    python experiments/perf/profile_step.py                      # sizes A and B of bench_train.py, ~2 min
+    python experiments/perf/profile_step.py --write-benchmarks   # also the "train-profile" block of BENCHMARKS.md
 
 Runs ``bench_train.py``'s bare forward + backward (``jit(value_and_grad(loss))``, eps-MSE, dropout on)
 under ``jax.profiler.trace`` with ``--xla_cpu_enable_xprof_traceme=true``, so that XLA:CPU's thunk
@@ -33,10 +33,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TRACE_FLAG).s
 
 import jax  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from bench_train import JaxContenders, gemm_gflops, host_batches, step_gflop  # noqa: E402
-from benchlib import parse_sizes, write_section  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
+from experiments.benchmarks.bench_train import JaxContenders, gemm_gflops, host_batches, step_gflop  # noqa: E402
+from experiments.benchmarks.benchlib import parse_sizes, write_section  # noqa: E402
 
 STEPS = {"A": 5, "B": 2}  # traced calls per size
 # not thunks: the executor's own spans (they enclose the thunks), thread-pool bookkeeping, end markers

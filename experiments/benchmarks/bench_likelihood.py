@@ -1,8 +1,8 @@
 """PF-ODE log-likelihood benchmark: diffjax.likelihood.log_likelihood vs the exact Gaussian-mixture
 oracle and vs k-diffusion's ``sampling.log_likelihood`` on the same points.
 
-    python experiments/bench_likelihood.py --quick      # D = 8, n = 64, 2 tolerances (< 3 min)
-    python experiments/bench_likelihood.py              # D = 8 and 32, n = 256, tol 1e-2, 3e-3, 1e-3..1e-6,
+    python experiments/benchmarks/bench_likelihood.py --quick      # D = 8, n = 64, 2 tolerances (< 3 min)
+    python experiments/benchmarks/bench_likelihood.py              # D = 8 and 32, n = 256, tol 1e-2, 3e-3, 1e-3..1e-6,
                                                         # per-example and batch error control
     options: --kdiff-python PATH (default /work/venvs/kdiff/bin/python), --no-peer
 
@@ -15,7 +15,7 @@ by swapping its Gaussian prior term using the latent (see the peer).  Errors are
 (log p_hat - log p_exact) / D in nats/dim: mean |err|, bias = mean err (+- its standard error),
 std.  Wall = median of post-warm-up calls (jax.block_until_ready), points/s = n / wall.
 
-Writes experiments/results/likelihood_{quick,full}.{json,md} and lik_<problem>.npz (peer input).
+Writes experiments/benchmarks/results/likelihood_{quick,full}.{json,md} and lik_<problem>.npz (peer input).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import write_section  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
+from experiments.benchmarks.benchlib import write_section  # noqa: E402
 import diffjax
 from diffjax.likelihood import log_likelihood
 from diffjax.testing.gmm import random_mixture
@@ -281,7 +282,7 @@ def main():
     with open(os.path.join(RESULTS, f"likelihood_{tag}.md"), "w") as f:
         f.write(md)
     if tag == "full":
-        write_section("likelihood", md, "python experiments/bench_likelihood.py")
+        write_section("likelihood", md, "python experiments/benchmarks/bench_likelihood.py")
     print(md)
     log(f"elapsed {results['elapsed_s']:.0f} s")
 

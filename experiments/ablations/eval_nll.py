@@ -1,7 +1,7 @@
 """Test NLL of a model: bits/dim (n-bit data) or nats/dim (continuous data) via the PF-ODE.
 
-    python experiments/eval_nll.py --oracle gmm8 --num-examples 256
-    python experiments/eval_nll.py --oracle gmm8 --discrete --trace hutchinson
+    python experiments/ablations/eval_nll.py --oracle gmm8 --num-examples 256
+    python experiments/ablations/eval_nll.py --oracle gmm8 --discrete --trace hutchinson
 
 ``--oracle`` evaluates the closed-form Gaussian-mixture model (Bayes-optimal score) on its own
 samples and prints the exact NLL next to the estimate. Trained checkpoints are wired in by the

@@ -1,7 +1,7 @@
 """How much of the train step is convolution and matmul work, in diffjax and in PyTorch + diffusers.
 
-    python experiments/step_floor.py                      # sizes A and B of bench_train.py, ~10 min
-    python experiments/step_floor.py --write-benchmarks   # also the "step-floor" block of BENCHMARKS.md
+    python experiments/perf/step_floor.py                      # sizes A and B of bench_train.py, ~10 min
+    python experiments/perf/step_floor.py --write-benchmarks   # also the "step-floor" block of BENCHMARKS.md
 Writes results/step_floor.json (every timed op with its shapes, count and median time).
 
 Asks what the 1.3x target of bench_train.py leaves for everything that is not a convolution or a
@@ -46,10 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from bench_train import (RESULTS, SIZES, STEPS, TARGET_SPEEDUP, JaxContenders, TorchPeer,  # noqa: E402
-                         cpu_name, prepare)
-from benchlib import parse_sizes, write_section  # noqa: E402
+RESULTS = os.path.join(HERE, "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
+from experiments.benchmarks.bench_train import (SIZES, STEPS, TARGET_SPEEDUP, JaxContenders, TorchPeer,  # noqa: E402
+                                                cpu_name, prepare)
+from experiments.benchmarks.benchlib import parse_sizes, write_section  # noqa: E402
 
 GEMM_PRIMS = ("conv_general_dilated", "dot_general")
 CALLS = 15  # timed calls per distinct op per repeat (each blocked)

@@ -6,14 +6,14 @@ Each setting runs in its own process (XLA reads its flags once, at backend start
 and times, in that process:
   * one 3x3 SAME convolution (NHWC, f32) at the shapes of the benchmark U-Nets: forward,
     weight gradient alone, forward + both gradients (jit of grad of sum(conv * g));
-  * the bare U-Net forward + backward of ``experiments/bench_train.py`` (its ``jax_bare``) at sizes A and B;
+  * the bare U-Net forward + backward of ``experiments/benchmarks/bench_train.py`` (its ``jax_bare``) at sizes A and B;
 and checks the compiled HLO for YNNPACK fusions (``__ynn_fusion``) so the table says which path ran.
 Timing: median of R repeats of back-to-back calls after two warm-up calls. The settings alternate
 (off, on, off, on, ...) over ``--rounds`` rounds so load drift hits both alike.
 
 Commands:
-  python experiments/xla_cpu_flags.py            # ~6 min; "xla-cpu-flags" section of BENCHMARKS.md
-  python experiments/xla_cpu_flags.py --quick    # ~3 min; results/xla_cpu_flags_quick.json only
+  python experiments/perf/xla_cpu_flags.py            # ~6 min; "xla-cpu-flags" section of BENCHMARKS.md
+  python experiments/perf/xla_cpu_flags.py --quick    # ~3 min; results/xla_cpu_flags_quick.json only
 Run it on an otherwise idle machine.
 """
 
@@ -28,6 +28,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
 RESULTS = os.path.join(HERE, "results")
 REPLY = "@@result "
 # (batch, height, width, in channels, out channels): the 3x3 convolutions of bench_train's sizes
@@ -74,8 +76,7 @@ def child(repeats: int, sizes: list) -> dict:
         reps = max(1, int(2e8 / (n * h * w_ * c * d * 9)))  # ~0.2 GFLOP of forward per timed block
         res["conv"].append(dict(shape=shape, fwd_ms=timed(fwd, x, w, n=reps), wgrad_ms=timed(wgrad, x, w, g, n=reps),
                                 fwd_bwd_ms=timed(both, x, w, g, n=reps), gflop_fwd=2 * n * h * w_ * c * d * 9 / 1e9))
-    sys.path.insert(0, HERE)
-    from bench_train import JaxContenders, host_batches
+    from experiments.benchmarks.bench_train import JaxContenders, host_batches
 
     for size in sizes:
         jc = JaxContenders(size, host_batches(size, 0), "eps")
@@ -160,12 +161,11 @@ def main():
     with open(os.path.join(RESULTS, name + ".json"), "w") as f:
         json.dump(runs, f, indent=1)
     if not args.quick:
-        sys.path.insert(0, HERE)
-        from bench_train import cpu_name
-        from benchlib import write_section
+        from experiments.benchmarks.bench_train import cpu_name
+        from experiments.benchmarks.benchlib import write_section
 
         text += f"\n\nMachine: {cpu_name()}, {os.cpu_count()} cores; wall {(time.time() - t0) / 60:.1f} min."
-        write_section("xla-cpu-flags", text, "python experiments/xla_cpu_flags.py")
+        write_section("xla-cpu-flags", text, "python experiments/perf/xla_cpu_flags.py")
 
 
 if __name__ == "__main__":

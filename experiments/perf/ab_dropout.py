@@ -1,7 +1,7 @@
 """Paired A/B: the U-Net's forward + backward with Flax's ``nn.Dropout`` vs diffjax's ``Dropout``.
 
-    python experiments/ab_dropout.py                      # sizes A and B of bench_train.py, ~6 min
-    python experiments/ab_dropout.py --write-benchmarks   # also the "dropout-ab" block of BENCHMARKS.md
+    python experiments/perf/ab_dropout.py                      # sizes A and B of bench_train.py, ~6 min
+    python experiments/perf/ab_dropout.py --write-benchmarks   # also the "dropout-ab" block of BENCHMARKS.md
 
 Both draw the same masks bit for bit (tests/test_models.py); they differ only in how the threefry
 rounds are lowered: JAX's primitive as a rolled while loop on CPU, diffjax's written out
@@ -23,11 +23,11 @@ import time
 import flax.linen as nn
 import jax
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
 import diffjax.models.unet as unet_lib  # noqa: E402
-from bench_train import SIZES, STEPS, JaxContenders, host_batches  # noqa: E402
-from benchlib import parse_sizes, write_section  # noqa: E402
+from experiments.benchmarks.bench_train import SIZES, STEPS, JaxContenders, host_batches  # noqa: E402
+from experiments.benchmarks.benchlib import parse_sizes, write_section  # noqa: E402
 
 VARIANTS = {"flax.linen.Dropout": nn.Dropout, "diffjax Dropout": unet_lib.Dropout}
 

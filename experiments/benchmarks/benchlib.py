@@ -7,7 +7,7 @@ import time
 
 import jax
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "BENCHMARKS.md")
 
 
 def markers(name):

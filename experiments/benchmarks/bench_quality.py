@@ -1,6 +1,6 @@
 """Quality per compute on digits: Fréchet distance of 1000 samples after a fixed training wall time.
 
-    python experiments/bench_quality.py [--budgets 120,600] [--write-benchmarks]
+    python experiments/benchmarks/bench_quality.py [--budgets 120,600] [--write-benchmarks]
 
 Contenders, each trained from scratch on the digits train split for the same wall-clock budget on
 this machine (one at a time, nothing else running) and sampled with the same NFE:
@@ -9,7 +9,7 @@ this machine (one at a time, nothing else running) and sampled with the same NFE
   ``training.max_train_seconds`` = budget (the clock includes jit compilation) and no step limit,
   then ``diffjax.generate.draw`` with the config's sampler (DPM-Solver++ 2M) at ``--nfe`` steps;
 * diffusers: ``UNet2DModel`` (the same layout) + DDPM eps-MSE, diffusers' training recipe
-  (``experiments/peers/diffusers_quality_peer.py``: clock from the first step), sampled with
+  (``experiments/benchmarks/peers/diffusers_quality_peer.py``: clock from the first step), sampled with
   ``DPMSolverMultistepScheduler`` at ``--nfe`` steps.
 
 Score: Fréchet distance between the evaluator features (``diffjax.evaluators.digits_evaluator``,
@@ -35,12 +35,13 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.join(HERE, "..")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
 RESULTS = os.path.join(HERE, "results")
 
 
 def run_diffjax(budget, workdir, nfe, num_samples, seeds):
-    cmd = [sys.executable, "-m", "diffjax.main", "--config", os.path.join(HERE, "configs", "digits.py"),
+    cmd = [sys.executable, "-m", "diffjax.main", "--config", os.path.join(ROOT, "experiments", "configs", "digits.py"),
            "--workdir", workdir, "--config.training.num_steps=10000000",
            f"--config.training.max_train_seconds={budget}", "--config.eval.num_examples=0",
            "--config.training.checkpoint_every=100000", "--config.training.log_every=50"]
@@ -92,7 +93,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from diffjax import evaluators, metrics
-    from guidance_sweep import real_split
+    from experiments.ablations.guidance_sweep import real_split
 
     evaluator = evaluators.digits_evaluator()
     train_x, _ = real_split("train")
@@ -126,9 +127,9 @@ def main(argv=None):
     table = render(rows, floor, args)
     print(table)
     if args.write_benchmarks:
-        from benchlib import write_section
+        from experiments.benchmarks.benchlib import write_section
 
-        write_section("quality", table, "python experiments/bench_quality.py " + " ".join(argv or sys.argv[1:]))
+        write_section("quality", table, "python experiments/benchmarks/bench_quality.py " + " ".join(argv or sys.argv[1:]))
 
 
 def render(rows, floor, args):
@@ -152,5 +153,4 @@ def render(rows, floor, args):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, HERE)
     main()

@@ -1,6 +1,6 @@
 """Cross-check diffjax's returned NFE against model calls counted at run time (host callback).
 
-python experiments/check_nfe.py
+python experiments/benchmarks/check_nfe.py
 """
 
 import jax

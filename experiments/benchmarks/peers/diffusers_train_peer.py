@@ -1,4 +1,4 @@
-"""PyTorch + diffusers peer of diffjax's train step (for experiments/bench_train.py).
+"""PyTorch + diffusers peer of diffjax's train step (for experiments/benchmarks/bench_train.py).
 
 The network is diffusers' ``UNet2DModel`` laid out like diffjax's ``UNet`` (``unet_config``): the
 same channels per level, ``num_res_blocks`` resnets per level down and one more up, BigGAN-style
@@ -15,9 +15,9 @@ VP-linear schedule (beta_min, beta_max), eps-MSE (or v-MSE) loss, ``torch.optim.
 (``LambdaLR``), ``clip_grad_norm_`` and an EMA of the weights by ``torch._foreach_lerp_``.
 
 Two ways to run it:
-  python experiments/bench_train.py --dump-specs /tmp/specs.json     # specs + host data, then standalone:
-  python experiments/peers/diffusers_train_peer.py --spec /tmp/specs.json [--steps 10 --repeats 3]
-  python experiments/peers/diffusers_train_peer.py --serve   # JSON lines on stdin/stdout, driven by
+  python experiments/benchmarks/bench_train.py --dump-specs /tmp/specs.json     # specs + host data, then standalone:
+  python experiments/benchmarks/peers/diffusers_train_peer.py --spec /tmp/specs.json [--steps 10 --repeats 3]
+  python experiments/benchmarks/peers/diffusers_train_peer.py --serve   # JSON lines on stdin/stdout, driven by
                                                            # bench_train.py to interleave contenders
 """
 
@@ -230,7 +230,7 @@ def main():
         serve()
         return
     if not args.spec:
-        ap.error("standalone mode needs --spec (python experiments/bench_train.py --dump-specs writes them)")
+        ap.error("standalone mode needs --spec (python experiments/benchmarks/bench_train.py --dump-specs writes them)")
     for name, spec in json.load(open(args.spec)).items():
         tr = Trainer(spec)
         for _ in range(3):

@@ -1,7 +1,7 @@
 """diffusers schedulers driven by the exact Gaussian-mixture oracle (peer for bench_samplers.py).
 
-Reads experiments/results/<problem>_problem.npz (mixture parameters, x_T, written by
-bench_samplers.py) and writes experiments/results/peer_diffusers_<problem>.{json,npz} (final samples,
+Reads experiments/benchmarks/results/<problem>_problem.npz (mixture parameters, x_T, written by
+bench_samplers.py) and writes experiments/benchmarks/results/peer_diffusers_<problem>.{json,npz} (final samples,
 NFE counted in the model wrapper, wall time); bench_samplers.py --merge-only scores them with the
 same metrics as diffjax.
 
@@ -16,7 +16,7 @@ Every sampler starts at timestep 999 (t = 1) from the same x_T and ends with a s
 (DDIM: timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False; the others their
 defaults, final_sigmas_type="zero").
 
-Usage: python experiments/peers/diffusers_peer.py [--quick]
+Usage: python experiments/benchmarks/peers/diffusers_peer.py [--quick]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Sweep samplers x NFE on a trained checkpoint; write a CSV and a plot.
 
-    python experiments/ablate_samplers.py --workdir runs/digits [--config experiments/configs/digits.py]
+    python experiments/ablations/ablate_samplers.py --workdir runs/digits [--config experiments/configs/digits.py]
 
 Two metrics, each with what it can resolve:
 * ``ode_rms``: RMS distance per dimension from the same x_T to the endpoint of the PF-ODE solved
@@ -51,7 +51,7 @@ def test_images(run, n):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a run directory with checkpoints/")
-    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "configs", "digits.py"))
+    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py"))
     p.add_argument("--nfe", default="5,10,20,50")
     p.add_argument("--methods", default=",".join(DETERMINISTIC + STOCHASTIC))
     p.add_argument("--num-samples", type=int, default=256)

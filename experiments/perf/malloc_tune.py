@@ -1,7 +1,7 @@
 """What diffjax's malloc options (``diffjax.xla_cpu.MALLOC_OPTIONS``) buy in the U-Net train step.
 
-    python experiments/malloc_tune.py                      # sizes A and B of bench_train.py, ~20 min
-    python experiments/malloc_tune.py --write-benchmarks   # also the "malloc-tune" block of BENCHMARKS.md
+    python experiments/perf/malloc_tune.py                      # sizes A and B of bench_train.py, ~20 min
+    python experiments/perf/malloc_tune.py --write-benchmarks   # also the "malloc-tune" block of BENCHMARKS.md
 
 XLA:CPU allocates one temporary buffer per execution for all intermediates of a compiled program;
 with glibc's defaults a block that large is a fresh mmap, unmapped on free, so every step
@@ -27,14 +27,15 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
 REPLY = "@@malloc "
 CONTENDERS = {"jax_step": "train step", "jax_bare": "bare fwd+bwd"}
 
 
 def child(size: str, repeats: int) -> dict:
     import diffjax  # noqa: F401  (sets, or with DIFFJAX_MALLOC_TUNE=0 skips, the options)
-    from bench_train import STEPS, JaxContenders, host_batches
+    from experiments.benchmarks.bench_train import STEPS, JaxContenders, host_batches
     from diffjax import xla_cpu
 
     jc = JaxContenders(size, host_batches(size, 0), "eps")
@@ -91,7 +92,6 @@ def render(runs: dict, sizes: list, rounds: int) -> str:
 
 
 def main():
-    sys.path.insert(0, HERE)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="A,B")
     ap.add_argument("--rounds", type=int, default=3)
@@ -102,8 +102,8 @@ def main():
     if args.child:
         print(REPLY + json.dumps(child(args.child, args.repeats)), flush=True)
         return
-    from bench_train import STEPS, cpu_name
-    from benchlib import parse_sizes, write_section
+    from experiments.benchmarks.bench_train import STEPS, cpu_name
+    from experiments.benchmarks.benchlib import parse_sizes, write_section
 
     sizes = parse_sizes(ap, args.sizes, STEPS)
     for name in ("rounds", "repeats"):

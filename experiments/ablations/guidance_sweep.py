@@ -1,6 +1,6 @@
 """Guidance on digits: conditional accuracy and Fréchet distance vs the guidance weight; CSV, plot, grids.
 
-    python experiments/guidance_sweep.py --cond-workdir runs/digits_cond \\
+    python experiments/ablations/guidance_sweep.py --cond-workdir runs/digits_cond \\
         [--uncond-workdir runs/digits --classifier-workdir runs/digits_classifier] [--write-benchmarks]
 
 For classifier-free guidance (the class-conditional run, weights w) and, if given, classifier
@@ -16,7 +16,7 @@ clean images, never seen by the guided models):
   test split and the train split; ``*_matched``: the model's distances with its samples
   subsampled to the test split's sizes, comparable with the floor.
 
-Writes ``experiments/results/guidance_sweep.csv``, ``docs/guidance_tradeoff.png`` and a 10 x 10
+Writes ``experiments/ablations/results/guidance_sweep.csv``, ``docs/guidance_tradeoff.png`` and a 10 x 10
 grid per setting listed in ``--grids`` (``docs/guidance_grid_<kind><scale>.png``, row = class).
 """
 
@@ -30,8 +30,9 @@ import time
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-RESULTS = os.path.join(ROOT, "experiments", "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
+RESULTS = os.path.join(ROOT, "experiments", "ablations", "results")
 DOCS = os.path.join(ROOT, "docs")
 
 
@@ -137,10 +138,9 @@ def main(argv=None):
     table = render(rows, floor, floor_acc, args.per_class)
     print(table)
     if args.write_benchmarks:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from benchlib import write_section
+        from experiments.benchmarks.benchlib import write_section
 
-        write_section("guidance", table, "python " + " ".join(["experiments/guidance_sweep.py", *(argv or sys.argv[1:])]))
+        write_section("guidance", table, "python " + " ".join(["experiments/ablations/guidance_sweep.py", *(argv or sys.argv[1:])]))
 
 
 def plot(rows, floor, floor_acc, path):

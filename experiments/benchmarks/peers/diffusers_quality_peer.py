@@ -1,6 +1,6 @@
-"""diffusers peer of experiments/bench_quality.py: train UNet2DModel with DDPM eps-MSE for a wall-time budget, sample.
+"""diffusers peer of experiments/benchmarks/bench_quality.py: train UNet2DModel with DDPM eps-MSE for a wall-time budget, sample.
 
-    python experiments/peers/diffusers_quality_peer.py --spec SPEC.json --out DIR
+    python experiments/benchmarks/peers/diffusers_quality_peer.py --spec SPEC.json --out DIR
 
 The recipe is diffusers' ``train_unconditional`` example on the digits train split: ``DDPMScheduler``
 (1000 steps, linear betas 1e-4..0.02), integer t uniform, ``add_noise``, eps-MSE; the network is
@@ -51,7 +51,7 @@ def main():
     ddpm = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
 
     steps, t0 = 0, time.perf_counter()
-    max_steps = spec.get("max_steps")  # a fixed step count instead (experiments/ablate_recipe.py)
+    max_steps = spec.get("max_steps")  # a fixed step count instead (experiments/ablations/ablate_recipe.py)
     while time.perf_counter() - t0 < spec["budget_seconds"] and (max_steps is None or steps < max_steps):
         idx = torch.from_numpy(rng.integers(0, len(train), spec["batch_size"]))
         x0 = -1.0 + 2.0 * (train[idx] + torch.rand_like(train[idx])) / 256.0

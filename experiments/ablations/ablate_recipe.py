@@ -1,7 +1,7 @@
 """Training-recipe ablation on digits: Fréchet distance of 1000 samples after a fixed number of steps.
 
-    python experiments/ablate_recipe.py --steps 400 --cells v,v_minsnr5 --train-seeds 0,1
-    python experiments/ablate_recipe.py --steps 2100 --cells v_minsnr5,eps [--write-benchmarks]
+    python experiments/ablations/ablate_recipe.py --steps 400 --cells v,v_minsnr5 --train-seeds 0,1
+    python experiments/ablations/ablate_recipe.py --steps 2100 --cells v_minsnr5,eps [--write-benchmarks]
 
 Each cell is the default digits main job (``experiments/configs/digits.py``) with a few config
 overrides (``CELLS``), trained from scratch for ``--steps`` steps per training seed (``config.seed``),
@@ -13,7 +13,7 @@ machine's speed and load, so cells may run side by side; training is determinist
 Each row records the values of every recipe field (``RECIPE_FIELDS``) its run was trained with, and the
 table names a row by the fields where those differ from the digits config as it is now, so a row stays
 true when the default moves (the cell's name is only the handle it was run under). Rows accumulate in
-``experiments/results/ablate_recipe.jsonl`` (one per recipe x steps x training seed x grid; a re-run
+``experiments/ablations/results/ablate_recipe.jsonl`` (one per recipe x steps x training seed x grid; a re-run
 replaces its row) so that cells can be run in separate invocations; ``--write-benchmarks`` renders every
 stored row into BENCHMARKS.md.
 """
@@ -32,7 +32,8 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.join(HERE, "..")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
 RESULTS = os.path.join(HERE, "results", "ablate_recipe.jsonl")
 
 _EPS = {"diffusion.prediction": "eps", "diffusion.objective": "eps"}
@@ -55,14 +56,14 @@ CELLS = {
     "vp_linear": {"diffusion.schedule": "vp_linear"},  # the default until 2026-11-25
     "no_dropout": {"model.dropout": 0.0},
     "diffusers_like": {"model.skip_rescale": False, "model.zero_init": False, "model.num_groups": 8},
-    "diffusers": None,  # experiments/peers/diffusers_quality_peer.py for the same number of steps
+    "diffusers": None,  # experiments/benchmarks/peers/diffusers_quality_peer.py for the same number of steps
 }
 
 
 def cell_config_text(cell: str) -> str:
     """A config file for ``cell``: the digits config plus the cell's fields."""
     lines = ["from diffjax.config import load", "", "", "def get_config():",
-             f"    c = load({os.path.join(HERE, 'configs', 'digits.py')!r})"]
+             f"    c = load({os.path.join(ROOT, 'experiments', 'configs', 'digits.py')!r})"]
     for field, value in CELLS[cell].items():
         *parents, name = field.split(".")
         lines.append(f"    c{''.join(f'.{p}' for p in parents)}[{name!r}] = {value!r}")
@@ -140,9 +141,9 @@ def _trained(workdir, cell, steps):
 
 def run_cell(cell, steps, train_seed, nfe, num_samples, sample_seeds, grids, evaluator, ref, keep=None):
     """One row per sampling grid (the diffusers peer: one row, its own DPMSolverMultistep time grid)."""
-    from bench_quality import run_diffusers
+    from experiments.benchmarks.bench_quality import run_diffusers
     from diffjax import metrics
-    from guidance_sweep import real_split
+    from experiments.ablations.guidance_sweep import real_split
 
     draws = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -205,7 +206,7 @@ def render(rows):
     lines = ["Fréchet distance to the train split (independent digits evaluator, lower is better) of "
              "`num_samples` samples per sampling seed, DPM-Solver++ 2M at the NFE shown, EMA weights; "
              "per training seed: mean over sampling seeds [min, max]. Rows from "
-             "`experiments/results/ablate_recipe.jsonl` (its `date` field says when each was run).", "",
+             "`experiments/ablations/results/ablate_recipe.jsonl` (its `date` field says when each was run).", "",
              "| steps | config fields (vs the digits config now) | run as | sampler time grid | FD per training seed | mean over training seeds | final loss | samples x seeds | NFE |",
              "|---|---|---|---|---|---|---|---|---|"]
     groups = {}
@@ -241,7 +242,7 @@ def main(argv=None):
         p.error(f"--cells: unknown {unknown}; known: {sorted(CELLS)}")
 
     from diffjax import evaluators
-    from guidance_sweep import real_split
+    from experiments.ablations.guidance_sweep import real_split
 
     evaluator = evaluators.digits_evaluator()
     ref = evaluator.features(real_split("train")[0])
@@ -259,11 +260,10 @@ def main(argv=None):
     table = render(load_rows())
     print(table)
     if args.write_benchmarks:
-        from benchlib import write_section
+        from experiments.benchmarks.benchlib import write_section
 
-        write_section("recipe", table, "python experiments/ablate_recipe.py " + " ".join(argv or sys.argv[1:]))
+        write_section("recipe", table, "python experiments/ablations/ablate_recipe.py " + " ".join(argv or sys.argv[1:]))
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, HERE)
     main()

@@ -1,7 +1,7 @@
 """The U-Net's self-attention block, forward + backward: diffjax's ``AttnBlock`` vs the fused-qkv form it replaced vs diffusers.
 
-    python experiments/attention_block.py                      # ~2 min
-    python experiments/attention_block.py --write-benchmarks   # also the "attention-block" block of BENCHMARKS.md
+    python experiments/perf/attention_block.py                      # ~2 min
+    python experiments/perf/attention_block.py --write-benchmarks   # also the "attention-block" block of BENCHMARKS.md
 
 Three contenders at the attention shapes of ``bench_train.py`` (one head, 64 channels):
   * diffjax ``AttnBlock`` (``diffjax/models/unet.py``): GroupNorm, three (C, C) projections sliced
@@ -24,7 +24,8 @@ import statistics
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
 # (batch, height, width, channels): size B's attention at 16x16 and its middle block at 8x8, size A's at 4x4
 SHAPES = [(32, 16, 16, 64), (32, 8, 8, 64), (128, 4, 4, 64)]
 
@@ -120,9 +121,8 @@ def main():
         ap.error(f"--repeats must be >= 1; got {args.repeats}")
     import diffjax  # noqa: F401  (XLA:CPU flags and malloc options before JAX starts)
 
-    sys.path.insert(0, HERE)
-    from bench_train import cpu_name
-    from benchlib import write_section
+    from experiments.benchmarks.bench_train import cpu_name
+    from experiments.benchmarks.benchlib import write_section
 
     t0 = time.time()
     rows = ["| (B, H, W, C) | tokens | diffjax AttnBlock ms | fused qkv + dot_product_attention ms | diffusers Attention (torch) ms "
@@ -141,7 +141,7 @@ def main():
             f"wall {time.time() - t0:.0f} s.")
     print(text)
     if args.write_benchmarks:
-        write_section("attention-block", text, "python experiments/attention_block.py")
+        write_section("attention-block", text, "python experiments/perf/attention_block.py")
 
 
 if __name__ == "__main__":

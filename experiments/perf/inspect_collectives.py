@@ -1,6 +1,6 @@
 """The collectives in the compiled, sharded train step, read from its HLO; written into BENCHMARKS.md.
 
-    python experiments/inspect_collectives.py            # 8 simulated CPU devices, the digits default model
+    python experiments/perf/inspect_collectives.py            # 8 simulated CPU devices, the digits default model
 
 For each mesh layout (data parallel, FSDP, data x fsdp x model) the script compiles the real train
 step (``diffjax.training.loop.setup`` + ``make_train_step``: loss, Adam, clipping, EMA) for 8
@@ -31,12 +31,12 @@ from collections import defaultdict  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root: `experiments.*` imports resolve when run as a script
 from diffjax.config import base  # noqa: E402
 from diffjax.models import count_params  # noqa: E402
 from diffjax.sharding import batch_sharding  # noqa: E402
 from diffjax.training.loop import _train_step_for, setup  # noqa: E402
-from experiments import benchlib  # noqa: E402
+from experiments.benchmarks import benchlib  # noqa: E402
 
 KINDS = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
 BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
@@ -175,7 +175,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        benchlib.write_section("collectives", text, "python experiments/inspect_collectives.py")
+        benchlib.write_section("collectives", text, "python experiments/perf/inspect_collectives.py")
 
 
 if __name__ == "__main__":

@@ -21,15 +21,15 @@ NFE budget B: num_steps S is the largest with k (S - 1) + 1 <= B for a k-evaluat
 (the final denoising step costs one evaluation), so the reported NFE can be B - 1 or B - 2 for k > 1.
 
 Commands:
-  python experiments/bench_samplers.py --quick            # < 3 min: ring only, NFE 10 and 20
-  python experiments/bench_samplers.py                    # full: both problems, NFE 5..100
-  python experiments/bench_samplers.py --overhead         # framework overhead on a small U-Net
-  # peers (read experiments/results/<problem>_problem.npz written by the runs above):
-  python experiments/peers/diffusers_peer.py [--quick]                       # needs torch + diffusers
-  /work/venvs/kdiff/bin/python experiments/peers/kdiffusion_peer.py [--quick]  # k-diffusion venv
-  python experiments/bench_samplers.py [--quick] --merge-only   # recompute table incl. peer outputs
+  python experiments/benchmarks/bench_samplers.py --quick            # < 3 min: ring only, NFE 10 and 20
+  python experiments/benchmarks/bench_samplers.py                    # full: both problems, NFE 5..100
+  python experiments/benchmarks/bench_samplers.py --overhead         # framework overhead on a small U-Net
+  # peers (read experiments/benchmarks/results/<problem>_problem.npz written by the runs above):
+  python experiments/benchmarks/peers/diffusers_peer.py [--quick]                       # needs torch + diffusers
+  /work/venvs/kdiff/bin/python experiments/benchmarks/peers/kdiffusion_peer.py [--quick]  # k-diffusion venv
+  python experiments/benchmarks/bench_samplers.py [--quick] --merge-only   # recompute table incl. peer outputs
   # or all in one go:
-  python experiments/bench_samplers.py [--quick] --run-peers \\
+  python experiments/benchmarks/bench_samplers.py [--quick] --run-peers \\
       --diffusers-python python --kdiff-python /work/venvs/kdiff/bin/python
 """
 
@@ -53,8 +53,9 @@ jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(os.p
                                                              "results", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import machine_busy_s, write_section  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
+from experiments.benchmarks.benchlib import machine_busy_s, write_section  # noqa: E402
 import diffjax
 from diffjax.metrics import sliced_wasserstein
 from diffjax.testing.gmm import random_mixture, ring_mixture
@@ -208,7 +209,7 @@ def run_problem(name, n, nfes, full, reps):
 
 
 def merge_peers(name, info, reps_rows):
-    """Load peer outputs (experiments/results/peer_<lib>_<problem>.{json,npz}); score them here."""
+    """Load peer outputs (experiments/benchmarks/results/peer_<lib>_<problem>.{json,npz}); score them here."""
     data = np.load(os.path.join(RESULTS, f"{name}_problem.npz"))
     exact1, ref = jnp.asarray(data["exact1"]), data["ref"]
     sw_key = jax.random.PRNGKey(13)
@@ -418,7 +419,7 @@ def main():
             lines.append(f"| {r['method']} | {r['steps']} | {r['nfe']} | {r['wall_s'] * 1e3:.0f} ms | "
                          f"**{r['overhead']:.3f}** [{r['overhead_min']:.3f}, {r['overhead_max']:.3f}] | "
                          f"{r['overhead_vs_loop']:.3f} | {r['other_cores']:.2f} |")
-        write_section("overhead", "\n".join(lines), "python experiments/bench_samplers.py --overhead")
+        write_section("overhead", "\n".join(lines), "python experiments/benchmarks/bench_samplers.py --overhead")
         return
     mode = "quick" if args.quick else "full"
     problems = [("ring", 2000)] if args.quick else [("ring", 2000), ("gmm32", 2000)]
@@ -458,7 +459,7 @@ def main():
     print(text)
     open(os.path.join(RESULTS, f"samplers_{mode}.md"), "w").write(text + "\n")
     if mode == "full":
-        write_section("samplers", text, "python experiments/bench_samplers.py")
+        write_section("samplers", text, "python experiments/benchmarks/bench_samplers.py")
     json.dump(dj, open(os.path.join(RESULTS, f"merged_{mode}.json"), "w"), indent=1)
 
 

@@ -20,7 +20,7 @@ transferred per step: ``global_batch`` for JAX, ``torch.from_numpy`` of an NCHW 
   jax_update the rest of the step alone: ``optimizer.update`` + ``apply_updates`` + ``ema_update`` on
              a fixed gradient tree (jitted, state donated); a breakdown, not a target.
   torch_step eager PyTorch, ``torch.set_num_threads(2)``: diffusers ``UNet2DModel`` laid out like
-             the Flax U-Net (``experiments/peers/diffusers_train_peer.py``), same loss, schedule,
+             the Flax U-Net (``experiments/benchmarks/peers/diffusers_train_peer.py``), same loss, schedule,
              Adam hyper-parameters + ``LambdaLR`` warm-up, ``clip_grad_norm_``, ``_foreach_lerp_`` EMA.
   torch_bare the same forward + backward only (its own overhead ratio, for comparison).
 
@@ -40,9 +40,9 @@ after the timings): how much of the machine's attainable rate a step already use
 1.3x target would ask for.
 
 Commands:
-  python experiments/bench_train.py --quick   # ~2-3 min on a quiet 2-core machine; writes
+  python experiments/benchmarks/bench_train.py --quick   # ~2-3 min on a quiet 2-core machine; writes
                                               # results/bench_train_quick.{json,md}, not BENCHMARKS.md
-  python experiments/bench_train.py           # full (<= ~15 min): results/bench_train.json and the
+  python experiments/benchmarks/bench_train.py           # full (<= ~15 min): results/bench_train.json and the
                                               # "train" section of BENCHMARKS.md
 Options: --sizes A,B  --repeats R  --steps-a N  --steps-b N  --threads 2  --no-torch
          --write-benchmarks (also write BENCHMARKS.md from a --quick run)
@@ -69,8 +69,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import machine_busy_s, parse_sizes, write_section  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
+from experiments.benchmarks.benchlib import machine_busy_s, parse_sizes, write_section  # noqa: E402
 
 from diffjax.config import base
 from diffjax.models import count_params, init_params

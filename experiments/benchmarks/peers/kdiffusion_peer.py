@@ -3,10 +3,10 @@
 Runs in its own venv:
   python3 -m venv /work/venvs/kdiff && /work/venvs/kdiff/bin/pip install 'setuptools<81' \\
       torch==2.14.1 torchvision==0.29.1 k-diffusion numpy
-  /work/venvs/kdiff/bin/python experiments/peers/kdiffusion_peer.py [--quick]
+  /work/venvs/kdiff/bin/python experiments/benchmarks/peers/kdiffusion_peer.py [--quick]
 
-Reads experiments/results/<problem>_problem.npz (written by bench_samplers.py), writes
-experiments/results/peer_kdiffusion_<problem>.{json,npz}.
+Reads experiments/benchmarks/results/<problem>_problem.npz (written by bench_samplers.py), writes
+experiments/benchmarks/results/peer_kdiffusion_<problem>.{json,npz}.
 
 k-diffusion's variable is x = x_0 + sigma n = x_VP / alpha with sigma = sigma_VP / alpha = exp(-lambda).
 Denoiser: D(x, sigma) = x - sigma E[eps | x_VP = alpha x] with alpha = 1/sqrt(1 + sigma^2) (the
