@@ -33,25 +33,29 @@ def base():
     m.num_res_blocks = 2
     m.attn_resolutions = (4,)
     m.dropout = 0.1
-    # residual sums not divided by sqrt(2) (DDPM/ADM; DDPM++ divides): digits FD 39.8 vs 47.3 after 400
-    # steps, 4.0 vs 4.9 after 2100, t-uniform grid (experiments/ablate_recipe.py, BENCHMARKS.md "Training recipe")
+    # residual sums not divided by sqrt(2) (DDPM/ADM; DDPM++ divides): lower FD on digits, see
+    # BENCHMARKS.md, section "Training recipe on digits"
     m.skip_rescale = False
     m.num_classes = config_dict.placeholder(int)  # an int: class-conditional, with a learned null class
+    # compute dtype: None / "float32", or "bfloat16" (activations and matmuls in bfloat16; parameters,
+    # gradients, optimizer state and EMA stay float32)
+    m.dtype = config_dict.placeholder(str)
+    # kernel implementations: "auto" (the model's choice for the backend), "xla" (plain XLA ops) or
+    # "cpu" (the hand-written XLA:CPU ones)
+    m.kernels = "auto"
 
     c.diffusion = f = ml_collections.ConfigDict()
-    f.schedule = "vp_linear"  # digits.py: vp_cosine (BENCHMARKS.md "Training recipe")
+    f.schedule = "vp_linear"  # digits.py: vp_cosine, see BENCHMARKS.md, section "Training recipe on digits"
     f.beta_min, f.beta_max = 0.1, 20.0  # VP / sub-VP
     f.sigma_min, f.sigma_max = 0.01, 50.0  # VE
     f.num_timesteps = 1000  # discrete DDPM chains
     # v (or x0) keeps x0_hat well conditioned at t ~ 1, where eps-prediction multiplies its error by
-    # sigma/alpha ~ 150 (VP): deterministic samplers then send tail points far off (measured, toy and digits)
+    # sigma/alpha (~150 for VP) and deterministic samplers send tail points far off
     f.prediction = "v"
     f.objective = "v"
     f.weighting = "likelihood"  # objective "dsm" only
-    # Min-SNR-gamma weighting (objectives eps/x0/v; None: off). Digits, 400 steps, t-uniform grid, two
-    # training seeds: FD 39.8 / 35.1 with gamma = 5, 58.2 / 52.1 without, 39.6 / 36.8 with gamma = 2
-    # (experiments/ablate_recipe.py, BENCHMARKS.md "Training recipe"). It costs likelihood: the main
-    # job's test NLL is 5.90 bits/dim with it, 5.23 without (README); switch it off for NLL work
+    # Min-SNR-gamma weighting (objectives eps/x0/v; None: off): lower FD on digits, see BENCHMARKS.md,
+    # section "Training recipe on digits"; it costs test NLL (README), so switch it off for likelihood work
     f.min_snr_gamma = config_dict.FieldReference(5.0, field_type=float)
     f.antithetic = True
     f.cond_drop_prob = 0.1  # used when model.num_classes is set
@@ -64,13 +68,23 @@ def base():
     o.grad_clip = 1.0
     o.weight_decay = 0.0
     o.ema_decay = 0.995  # a ~200-step horizon: the default run is short
+    # EMA warm-up: decay min(ema_decay, (1 + step) / (10 + step)) (TF ExponentialMovingAverage's
+    # num_updates, as in score_sde / diffusers), so early EMA weights are not dominated by the init
+    o.ema_warmup = False
 
     c.training = t = ml_collections.ConfigDict()
     t.batch_size = 128
     t.num_steps = 600
     t.max_train_seconds = config_dict.placeholder(float)  # also stop after this wall time (equal-compute runs)
     t.steps_per_call = 1
-    t.log_every = 50
+    # gradient accumulation: each step averages the gradients of k micro-batches of batch_size / k
+    # (one optimizer update, the same as the batch_size update up to float rounding)
+    t.grad_accum_steps = 1
+    t.log_every = 50  # loss history, TensorBoard and a log line (step, loss, steps/s) every this many steps
+    # every this many steps (0: off): a sample grid (samples/step_N.png, TensorBoard "samples") and the
+    # test NLL (TensorBoard "eval/...", eval_history.csv) with the EMA weights during training
+    t.sample_every = 0
+    t.eval_every = 0
     t.checkpoint_every = 500
     t.max_to_keep = 3
     # device mesh (diffjax.sharding): batch split over data x fsdp; large parameters (and their Adam
@@ -89,8 +103,8 @@ def base():
     s.method = "dpm_solver++_2m"
     s.num_steps = 20
     # time grid of `method` (None: the method's own, logSNR for DPM-Solver; a sampler named at call
-    # time other than `method` uses its own). Uniform in t gave lower FD on digits at
-    # NFE 20 than logSNR-uniform, after 400 and after 2100 steps (BENCHMARKS.md, "Training recipe")
+    # time other than `method` uses its own). Uniform in t: lower FD on digits at NFE 20, see
+    # BENCHMARKS.md, section "Training recipe on digits"
     s.grid = config_dict.FieldReference("time_uniform", field_type=str)
     s.num_samples = 100
     s.png_scale = 4

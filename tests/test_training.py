@@ -354,3 +354,111 @@ def test_ablate_recipe_rows_name_what_was_trained(tmp_path, monkeypatch):
     assert sorted(r["fd"] for r in rows) == [2.0, 3.0]
     table = ablate_recipe.render(rows)
     assert "| 10 | (the digits config) | renamed | logSNR | seed 0: 2.0" in table
+
+
+# ---- gradient accumulation, EMA warm-up, log line, restart after the last step, evaluation during training --
+
+
+def _tiny_toy_run(**training):
+    c = toy_config(4)
+    c.model.width = 16
+    c.training.batch_size = 16
+    c.training.update(training)
+    return c, setup(c, None)
+
+
+def test_grad_accumulation_equals_the_full_batch_update():
+    """k micro-batches give the full batch's update (a loss that draws nothing), fused or not; with the diffusion
+    loss micro-batch i uses rows i, i + k, ... and the key fold_in(step_key, i)."""
+    from diffjax.training import make_train_step
+    from diffjax.training.builders import build_loss, build_optimizer
+    from diffjax.training.step import split_micro_batches
+
+    c, run = _tiny_toy_run()
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 2))
+
+    def regression(params, batch, key):  # no randomness: the batch mean splits exactly into micro-batch means
+        pred = run.apply_eval(params, batch["x"], jnp.full((batch["x"].shape[0],), 0.5))
+        return jnp.mean((pred - batch["x"]) ** 2), None
+
+    opt = build_optimizer(c)
+    steps = {(k, s): make_train_step(regression, opt, ema_decay=0.9, grad_accum_steps=k, steps_per_call=s,
+                                     donate=False) for k in (1, 4) for s in (1, 2)}
+    full, m_full = steps[1, 1](run.state, {"x": x[0]})
+    accum, m_accum = steps[4, 1](run.state, {"x": x[0]})
+    chex.assert_trees_all_close(accum.params, full.params, atol=1e-6)
+    chex.assert_trees_all_close(accum.ema_params, full.ema_params, atol=1e-6)
+    np.testing.assert_allclose(m_accum["loss"], m_full["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m_accum["grad_norm"], m_full["grad_norm"], rtol=1e-5)
+    two_full, _ = steps[1, 2](run.state, {"x": x})  # fused with steps_per_call
+    two_accum, _ = steps[4, 2](run.state, {"x": x})
+    chex.assert_trees_all_close(two_accum.params, two_full.params, atol=1e-6)
+
+    loss_fn = build_loss(c, run.schedule, run.module)  # the diffusion loss: noise and times from the key
+    _, m = make_train_step(loss_fn, opt, ema_decay=0.9, grad_accum_steps=4, donate=False)(run.state, {"x": x[0]})
+    step_key = jax.random.fold_in(run.state.key, run.state.step)
+    micro = split_micro_batches(x[0], 4)
+    np.testing.assert_array_equal(micro[1], x[0][1::4])
+    expected = np.mean([loss_fn(run.state.params, {"x": micro[i]}, jax.random.fold_in(step_key, i))[0]
+                        for i in range(4)])
+    np.testing.assert_allclose(m["loss"][0], expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="grad_accum_steps must be an integer >= 1"):
+        make_train_step(regression, opt, ema_decay=0.9, grad_accum_steps=0)
+    bad = base()
+    bad.training.grad_accum_steps = 3
+    with pytest.raises(ConfigError, match="config.training.grad_accum_steps"):
+        validate_config(bad, num_devices=1)
+
+
+def test_ema_warmup_decay_schedule():
+    """min(decay, (1 + n) / (10 + n)) after n updates with warm-up; the constant decay without; one step's EMA."""
+    from diffjax.training import make_train_step
+    from diffjax.training.builders import build_optimizer
+    from diffjax.training.state import ema_decay_at
+
+    n = jnp.arange(0, 1000)  # (1 + n) / (10 + n) reaches 0.99 at n = 890
+    warm = ema_decay_at(n, 0.99, warmup=True)
+    np.testing.assert_allclose(warm[:3], [1 / 10, 2 / 11, 3 / 12], rtol=1e-6)
+    np.testing.assert_allclose(warm, np.minimum(0.99, (1 + np.arange(1000)) / (10 + np.arange(1000))), rtol=1e-6)
+    assert float(warm[-1]) == pytest.approx(0.99) and bool(jnp.all(jnp.diff(warm) >= 0))
+    np.testing.assert_allclose(ema_decay_at(n, 0.99), 0.99)
+    c, run = _tiny_toy_run()
+
+    def loss(params, batch, key):
+        return sum(jnp.sum(p**2) for p in jax.tree.leaves(params)), None
+
+    new, _ = make_train_step(loss, build_optimizer(c), ema_decay=0.99, ema_warmup=True, donate=False)(
+        run.state, {"x": jnp.zeros((16, 2))})
+    # step 0: decay 0.1, so the EMA moves 90% of the way to the new parameters
+    chex.assert_trees_all_close(new.ema_params, jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, run.state.ema_params,
+                                                             new.params), atol=1e-6)
+    import ml_collections
+
+    d = base().to_dict()
+    d["optim"]["ema_warmup"] = "yes"  # as a hand-edited config.json could hold it (ConfigDict fields are typed)
+    bad = ml_collections.ConfigDict(d)
+    with pytest.raises(ConfigError, match="config.optim.ema_warmup"):
+        validate_config(bad, num_devices=1)
+
+
+def test_log_lines_evaluation_during_training_and_restart_after_the_last_step(tmp_path, capsys):
+    """Without the bar a line per log_every steps; sample_every / eval_every write grids and eval_history.csv;
+    a run started again after its last step reports that step's loss (not null) and trains nothing."""
+    c = toy_config(4)
+    c.model.width = 16
+    c.training.update(batch_size=16, log_every=2, checkpoint_every=2, sample_every=2, eval_every=4)
+    c.sample.update(num_samples=8, num_steps=2, method="ddim")
+    c.eval.update(num_examples=8, batch_size=8, trace="exact")
+    run, first = train(c, str(tmp_path), progress=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2", "step 4"], lines
+    assert "steps/s" in lines[0] and "loss" in lines[0]
+    assert os.path.exists(tmp_path / "samples" / "step_2.png") and os.path.exists(tmp_path / "samples" / "step_4.png")
+    with open(tmp_path / "eval_history.csv") as f:
+        rows = f.read().splitlines()
+    assert rows[0].startswith("step,") and "test_nats_per_dim" in rows[0] and len(rows) == 2 and rows[1][0] == "4"
+    again, second = train(c, str(tmp_path), progress=False)
+    assert second["steps"] == 0 and second["step"] == 4
+    assert np.isfinite(first["final_loss"]) and second["final_loss"] == first["final_loss"]
+    with open(tmp_path / "checkpoints" / "config_4.json") as f:
+        assert json.load(f)["training"]["eval_every"] == 4  # the config is stored with each checkpoint

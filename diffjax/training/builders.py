@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from diffjax import data as data_lib
 from diffjax import models as models_lib
@@ -34,6 +35,9 @@ SCHEDULES = {
 }
 
 TASKS = ("diffusion", "classifier")
+# config.model.dtype -> the modules' compute dtype (None: float32); parameters stay float32 either way
+MODEL_DTYPES = {None: None, "float32": None, "bfloat16": jnp.bfloat16}
+KERNELS = ("auto", "xla", "cpu")
 CLASSIFIER_MODELS = ("classifier", "mlp")  # "mlp" with out_dim = classes is the classifier for (B, D) data
 
 
@@ -65,6 +69,10 @@ def validate_config(config, num_devices: int | None = None) -> None:
         _fail("data.dataset", str(e))
     if config.model.name not in models_lib.MODELS:
         _fail("model.name", f"unknown model {config.model.name!r}; known models: {sorted(models_lib.MODELS)}")
+    if config.model.get("dtype") not in MODEL_DTYPES:
+        _fail("model.dtype", f"must be one of {sorted(MODEL_DTYPES, key=str)}; got {config.model.get('dtype')!r}")
+    if config.model.get("kernels", "auto") not in KERNELS:
+        _fail("model.kernels", f"must be one of {KERNELS}; got {config.model.get('kernels')!r}")
     task = config.get("task", "diffusion")
     if task not in TASKS:
         _fail("task", f"must be one of {TASKS}; got {task!r}")
@@ -89,6 +97,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
         _fail("optim.learning_rate", f"must be > 0; got {o.learning_rate!r}")
     if not 0.0 <= o.ema_decay < 1.0:
         _fail("optim.ema_decay", f"must lie in [0, 1); got {o.ema_decay!r}")
+    if not isinstance(o.get("ema_warmup", False), bool):
+        _fail("optim.ema_warmup", f"must be True or False; got {o.ema_warmup!r}")
     if o.grad_clip < 0:
         _fail("optim.grad_clip", f"must be >= 0 (0 disables clipping); got {o.grad_clip!r}")
     t = config.training
@@ -100,6 +110,10 @@ def validate_config(config, num_devices: int | None = None) -> None:
     shards = sizes["data"] * sizes["fsdp"]
     if batch % shards:
         _fail("training.batch_size", f"{batch} is not divisible by the batch shards data x fsdp = {shards}")
+    accum = _positive_int(config, "training.grad_accum_steps") if "grad_accum_steps" in t else 1
+    if batch % (accum * shards):
+        _fail("training.grad_accum_steps", f"batch_size {batch} is not divisible by grad_accum_steps x batch "
+                                           f"shards = {accum} x {shards} (each micro-batch is split over the mesh)")
     if batch % jax.process_count():
         _fail("training.batch_size", f"{batch} is not divisible by the process count {jax.process_count()}")
     num_steps = _positive_int(config, "training.num_steps")
@@ -108,6 +122,12 @@ def validate_config(config, num_devices: int | None = None) -> None:
         every = _positive_int(config, field)
         if every % k:
             _fail(field, f"{every} must be a multiple of training.steps_per_call={k}")
+    for name in ("sample_every", "eval_every"):
+        every = _positive_int(config, f"training.{name}", allow_zero=True) if name in t else 0
+        if every % k:
+            _fail(f"training.{name}", f"{every} must be a multiple of training.steps_per_call={k} (0: off)")
+    if t.get("sample_every", 0) and task == "classifier":
+        _fail("training.sample_every", "task 'classifier' draws no samples; leave it 0")
     if num_steps % k:
         _fail("training.num_steps", f"{num_steps} must be a multiple of training.steps_per_call={k}")
     budget = t.get("max_train_seconds")
@@ -154,9 +174,18 @@ def build_schedule(diffusion_config):
 
 
 def build_model(config):
-    """The Flax module named by ``config.model.name`` (fields from ``config.model`` minus ``name``)."""
-    fields = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+    """The Flax module named by ``config.model.name`` (fields from ``config.model`` minus ``name``).
+
+    ``model.dtype`` and ``model.kernels`` reach the module only when they differ from its defaults
+    (float32, "auto"), so configs and saved runs without these fields build the same module.
+    """
+    fields = {k: v for k, v in config.model.to_dict().items() if k not in ("name", "dtype", "kernels")}
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    dtype = MODEL_DTYPES.get(config.model.get("dtype"))
+    if dtype is not None:
+        fields["dtype"] = dtype
+    if config.model.get("kernels", "auto") != "auto":
+        fields["kernels"] = config.model.kernels
     out_field = "out_dim" if config.model.name == "mlp" else "out_channels"
     if config.get("task", "diffusion") == "classifier":
         fields[out_field] = data_lib.get_spec(config.data.dataset).num_classes  # the logits

@@ -5,7 +5,10 @@ data iterator restarts at the restored step and the per-step keys are ``fold_in(
 so a resumed run reproduces an uninterrupted one bit for bit), runs jitted steps, logs to
 TensorBoard and ``loss_history.csv``, checkpoints periodically, on interruption (Ctrl-C or
 SIGTERM) and at the end, and stops with ``NonFiniteError`` on a NaN/inf loss or gradient without
-checkpointing it. ``evaluate(...)`` samples with the EMA weights and computes the test NLL.
+checkpointing it. Every ``training.log_every`` steps it prints a line (step, loss, steps/s) when the
+progress bar is off; every ``training.sample_every`` / ``training.eval_every`` steps (0: never) it
+writes a sample grid / the test NLL of the EMA weights. ``evaluate(...)`` samples with the EMA
+weights and computes the test NLL at the end.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from diffjax.training.checkpoint import Checkpointer, NonFiniteError
 from diffjax.training.state import TrainState
 from diffjax.training.step import global_batch, make_mesh, make_train_step, shard_state, state_shardings
 
-__all__ = ["Run", "setup", "train", "evaluate", "evaluate_classifier", "train_and_evaluate"]
+__all__ = ["Run", "setup", "train", "evaluate", "evaluate_classifier", "train_and_evaluate", "ema_model_fn",
+           "generate", "nll_per_dim"]
 
 
 @dataclass
@@ -51,8 +55,9 @@ class Run:
     apply_eval: Any  # model_fn(params, x, t, cond) in eval mode, one object per run (compiled loops reuse it)
 
 
-def setup(config, workdir: Optional[str] = None, restore: bool = True) -> Run:
-    """Validate the config, build model/schedule/state on the mesh and restore the latest checkpoint."""
+def setup(config, workdir: Optional[str] = None, restore: bool = True, step: Optional[int] = None) -> Run:
+    """Validate the config, build model/schedule/state on the mesh and restore checkpoint ``step`` (default:
+    the latest)."""
     validate_config(config, config.training.num_devices or jax.device_count())
     spec = data_lib.get_spec(config.data.dataset)
     module = build_model(config)
@@ -66,8 +71,8 @@ def setup(config, workdir: Optional[str] = None, restore: bool = True) -> Run:
     ckpt = None
     if workdir is not None:
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.training.max_to_keep)
-        if restore and ckpt.latest_step() is not None:
-            state = ckpt.restore(state)
+        if restore and (step is not None or ckpt.latest_step() is not None):
+            state = ckpt.restore(state, step)
     return Run(config, spec, module, schedule, mesh, shardings, state, ckpt,
                models_lib.make_model_fn(module, train=False))
 
@@ -169,7 +174,9 @@ def train(config, workdir: str, *, run: Optional[Run] = None, progress: bool = T
     history_path = os.path.join(workdir, "loss_history.csv")
     if is_main:
         _truncate_history(history_path, start)
+        _truncate_history(os.path.join(workdir, "eval_history.csv"), start)
     bar = _progress(start, end, disable=not (progress and is_main))
+    log_line = is_main and not progress
     state, pending, last_loss = run.state, [], float("nan")
     step, timed_steps, timed_secs, t_last, s_last = start, 0, 0.0, None, start
     budget = _TimeBudget(t_cfg.get("max_train_seconds"), t_cfg.log_every)
@@ -188,20 +195,25 @@ def train(config, workdir: str, *, run: Optional[Run] = None, progress: bool = T
                         timed_steps += step - s_last
                         timed_secs += now - t_last
                     t_last, s_last = now, step
-                    last_loss = _flush(pending, writer, history_path, bar, timed_steps, timed_secs)
+                    last_loss = _flush(pending, writer, history_path, bar, timed_steps, timed_secs, log_line)
                     pending = []
                 if step % t_cfg.checkpoint_every == 0 and run.checkpointer is not None:
-                    last_loss = _flush(pending, writer, history_path, bar, timed_steps, timed_secs) \
+                    last_loss = _flush(pending, writer, history_path, bar, timed_steps, timed_secs, log_line) \
                         if pending else last_loss
                     pending = []
-                    run.checkpointer.save(state)
+                    run.checkpointer.save(state, config=config)
+                if _due(step, t_cfg.get("sample_every", 0)) or _due(step, t_cfg.get("eval_every", 0)):
+                    run.state = state  # the EMA weights of this step; the next step donates them only later
+                    _evaluate_during_training(run, workdir, step, writer)
     except KeyboardInterrupt:
         _save_if_clean(run, state, pending)
         raise
     if pending:
-        last_loss = _flush(pending, writer, history_path, bar, timed_steps, timed_secs)
+        last_loss = _flush(pending, writer, history_path, bar, timed_steps, timed_secs, log_line)
+    if step == start:  # nothing left to train (e.g. restarted after the last step): the loss logged for it
+        last_loss = _logged_loss(history_path, step)
     if run.checkpointer is not None:
-        run.checkpointer.save(state)
+        run.checkpointer.save(state, config=config)
     bar.close()
     if writer is not None:
         writer.flush()
@@ -225,12 +237,15 @@ def _train_step_for(run: Run):
     # build_loss is part of the key so a replaced loss builder (tests patch one in) never reuses a step
     key = (json.dumps({k: c[k].to_dict() for k in ("model", "diffusion", "optim")}, sort_keys=True, default=str),
            c.get("task", "diffusion"),
-           c.data.dataset, c.training.steps_per_call, c.training.fsdp_min_size, run.mesh, build_loss)
+           c.data.dataset, c.training.steps_per_call, c.training.get("grad_accum_steps", 1),
+           c.training.fsdp_min_size, run.mesh, build_loss)
     if key not in _STEP_CACHE:
         loss_fn = build_loss(c, run.schedule, run.module)
         _STEP_CACHE[key] = make_train_step(loss_fn, build_optimizer(c), ema_decay=c.optim.ema_decay,
+                                           ema_warmup=c.optim.get("ema_warmup", False),
                                            shardings=run.shardings, mesh=run.mesh,
-                                           steps_per_call=c.training.steps_per_call)
+                                           steps_per_call=c.training.steps_per_call,
+                                           grad_accum_steps=c.training.get("grad_accum_steps", 1))
     return _STEP_CACHE[key]
 
 
@@ -245,7 +260,7 @@ def _save_if_clean(run: Run, state, pending):
     try:
         for first, m in pending:
             _check_finite(jax.device_get(m), first)
-        step = run.checkpointer.save(state)
+        step = run.checkpointer.save(state, config=run.config)
         logging.warning("interrupted: checkpointed step %d", step)
     except (NonFiniteError, RuntimeError) as e:
         logging.warning("interrupted: not checkpointed (%s); latest checkpoint is step %s",
@@ -266,8 +281,18 @@ def _truncate_history(path: str, step: int):
         os.replace(tmp, path)
 
 
-def _flush(pending, writer, history_path, bar, timed_steps, timed_secs) -> float:
-    """Fetch pending metrics, check them, append to the CSV / TensorBoard, update the bar."""
+def _logged_loss(history_path: str, step: int) -> float:
+    """The loss ``loss_history.csv`` holds for ``step`` (NaN if none)."""
+    if not os.path.exists(history_path):
+        return float("nan")
+    with open(history_path, newline="") as f:
+        losses = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+    return losses.get(step, float("nan"))
+
+
+def _flush(pending, writer, history_path, bar, timed_steps, timed_secs, log_line=False) -> float:
+    """Fetch pending metrics, check them, append to the CSV / TensorBoard, update the bar; with
+    ``log_line``, print the step, the mean loss since the last line and the steps/s."""
     rows = []
     for first, m in pending:
         m = jax.device_get(m)
@@ -291,6 +316,9 @@ def _flush(pending, writer, history_path, bar, timed_steps, timed_secs) -> float
     bar.update(rows[-1][0] - bar.n)
     window = [r[1] for r in rows]
     bar.set_postfix(loss=f"{np.mean(window):.4f}", steps_per_s=f"{rate:.2f}")
+    if log_line:
+        print(f"step {rows[-1][0]}: loss {np.mean(window):.4f} (mean of {len(window)} steps), {rate:.2f} steps/s",
+              flush=True)
     return rows[-1][1]
 
 
@@ -381,6 +409,91 @@ def evaluate_classifier(run: Run) -> dict:
     return out
 
 
+def _eval_keys(config):
+    """The sampling and NLL keys of every evaluation (the same at each step, so curves compare like with like)."""
+    return jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 10**6))
+
+
+def _sample_figure(run: Run, key, path: str, writer=None) -> dict:
+    """``config.sample.num_samples`` EMA samples as a grid (images) or a scatter plot (toy data) at ``path``
+    and, for images, in TensorBoard at the run's step; returns the method, NFE and seconds."""
+    config = run.config
+    n = config.sample.num_samples
+    num_classes = config.model.get("num_classes")
+    cond = np.arange(n, dtype=np.int32) % num_classes if num_classes else None
+    t0 = time.perf_counter()
+    x, nfe = generate(run, method=config.sample.method, num_steps=config.sample.num_steps, num_samples=n,
+                      key=key, cond=cond)
+    out = {"sample_method": config.sample.method, "sample_nfe": int(nfe), "sample_seconds": time.perf_counter() - t0}
+    if jax.process_index() == 0:
+        from diffjax.training import plots
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if run.spec.kind == "image":
+            grid = plots.image_grid(x)
+            plots.save_png(grid, path, scale=config.sample.png_scale)
+            if writer is not None:
+                writer.add_image("samples", grid, int(run.state.step), dataformats="HWC")
+                writer.flush()
+        else:
+            plots.scatter(x, path)
+    return out
+
+
+def nll_per_dim(run: Run, batches, key) -> dict:
+    """NLL per dimension of the EMA model on ``batches`` of data-range inputs (n-bit integer images: bits/dim
+    with uniform dequantization; continuous data: nats/dim), with the config's ``eval`` solver settings."""
+    config = run.config
+    discrete = run.spec.num_bits is not None
+    return evaluate_nll(ema_model_fn(run), run.schedule, batches, key=key, discrete=discrete,
+                        num_bits=run.spec.num_bits or 8, prediction=config.diffusion.prediction,
+                        trace=config.eval.trace, rtol=config.eval.rtol, atol=config.eval.atol, mesh=run.mesh)
+
+
+def _test_split_nll(run: Run, key) -> dict:
+    """``nll_per_dim`` on ``config.eval.num_examples`` of the eval split, as metrics (test_bpd or test_nats_per_dim)."""
+    config = run.config
+    t0 = time.perf_counter()
+    batches = data_lib.eval_batches(config.data.dataset, split=config.eval.split, batch_size=config.eval.batch_size,
+                                    num_examples=config.eval.num_examples, data_dir=config.data.data_dir)
+    nll = nll_per_dim(run, (b["x"] if isinstance(b, dict) else b for b in batches), key)
+    name = "test_bpd" if run.spec.num_bits is not None else "test_nats_per_dim"
+    return {name: nll["mean"], f"{name}_stderr": nll["stderr"], "nll_examples": nll["num_examples"],
+            "nll_nfe": nll["nfe"], "nll_seconds": time.perf_counter() - t0}
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _evaluate_during_training(run: Run, workdir: str, step: int, writer) -> None:
+    """``training.sample_every``: ``samples/step_<N>.png`` (and TensorBoard); ``training.eval_every``: the test
+    NLL (a classifier: its test accuracy) in TensorBoard under ``eval/`` and in ``eval_history.csv``."""
+    config, t = run.config, run.config.training
+    classifier = config.get("task", "diffusion") == "classifier"
+    k_sample, k_nll = _eval_keys(config)
+    if _due(step, t.get("sample_every", 0)) and not classifier:
+        _sample_figure(run, k_sample, os.path.join(workdir, "samples", f"step_{step}.png"), writer)
+    if not (_due(step, t.get("eval_every", 0)) and config.eval.num_examples > 0):
+        return
+    metrics = evaluate_classifier(run) if classifier else _test_split_nll(run, k_nll)
+    if jax.process_index() != 0:
+        return
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if writer is not None:
+        for name, value in metrics.items():
+            writer.add_scalar(f"eval/{name}", value, step)
+        writer.flush()
+    path = os.path.join(workdir, "eval_history.csv")
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["step", *sorted(metrics)])
+        w.writerow([step, *(metrics[k] for k in sorted(metrics))])
+    logging.warning("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+
+
 def evaluate(run: Run, workdir: str) -> dict:
     """Sample a grid with the EMA weights and compute the test NLL; write PNGs, TensorBoard and a dict.
 
@@ -393,41 +506,15 @@ def evaluate(run: Run, workdir: str) -> dict:
 
             plots.loss_curve(os.path.join(workdir, "loss_history.csv"), os.path.join(workdir, "loss_curve.png"))
         return evaluate_classifier(run)
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 10**6)
-    k_sample, k_nll = jax.random.split(key)
-    n = config.sample.num_samples
-    num_classes = config.model.get("num_classes")
-    cond = np.arange(n, dtype=np.int32) % num_classes if num_classes else None
-    t0 = time.perf_counter()
-    x, nfe = generate(run, method=config.sample.method, num_steps=config.sample.num_steps, num_samples=n,
-                      key=k_sample, cond=cond)
-    sample_secs = time.perf_counter() - t0
-    out = {"sample_method": config.sample.method, "sample_nfe": int(nfe), "sample_seconds": sample_secs}
+    k_sample, k_nll = _eval_keys(config)
+    writer = _summary_writer(workdir) if jax.process_index() == 0 else None
+    out = _sample_figure(run, k_sample, os.path.join(workdir, "samples.png"), writer)
     if jax.process_index() == 0:
         from diffjax.training import plots
 
-        if run.spec.kind == "image":
-            grid = plots.image_grid(x)
-            plots.save_png(grid, os.path.join(workdir, "samples.png"), scale=config.sample.png_scale)
-            writer = _summary_writer(workdir)
-            writer.add_image("samples", grid, int(run.state.step), dataformats="HWC")
-            writer.flush()
-        else:
-            plots.scatter(x, os.path.join(workdir, "samples.png"))
         plots.loss_curve(os.path.join(workdir, "loss_history.csv"), os.path.join(workdir, "loss_curve.png"))
     if config.eval.num_examples > 0:
-        t0 = time.perf_counter()
-        batches = data_lib.eval_batches(config.data.dataset, split=config.eval.split,
-                                        batch_size=config.eval.batch_size, num_examples=config.eval.num_examples,
-                                        data_dir=config.data.data_dir)
-        discrete = run.spec.num_bits is not None
-        nll = evaluate_nll(ema_model_fn(run), run.schedule, (b["x"] if isinstance(b, dict) else b for b in batches),
-                           key=k_nll, discrete=discrete, num_bits=run.spec.num_bits or 8,
-                           prediction=config.diffusion.prediction, trace=config.eval.trace,
-                           rtol=config.eval.rtol, atol=config.eval.atol, mesh=run.mesh)
-        name = "test_bpd" if discrete else "test_nats_per_dim"
-        out.update({name: nll["mean"], f"{name}_stderr": nll["stderr"], "nll_examples": nll["num_examples"],
-                    "nll_nfe": nll["nfe"], "nll_seconds": time.perf_counter() - t0})
+        out.update(_test_split_nll(run, k_nll))
     return out
 
 

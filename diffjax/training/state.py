@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["TrainState", "make_optimizer", "ema_update", "all_finite"]
+__all__ = ["TrainState", "make_optimizer", "ema_decay_at", "ema_update", "all_finite"]
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -54,6 +54,15 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, grad_clip: fl
     else:
         opt = optax.adam(lr, b1=b1, b2=b2, eps=eps)
     return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip > 0 else opt
+
+
+def ema_decay_at(step, decay: float, warmup: bool = False):
+    """EMA decay of the update after ``step`` updates: ``decay``, or with warm-up min(decay, (1 + step) / (10 + step))
+    (TF ``ExponentialMovingAverage(num_updates=step)``, as in score_sde and diffusers' ``EMAModel``)."""
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
 
 
 def ema_update(ema_params, params, decay):

@@ -11,6 +11,12 @@ devices draws the same noise and masks as a run on 1.
 
 Several steps can be fused into one call (``steps_per_call``) with ``lax.scan`` (score_sde's
 ``n_jitted_steps``): the host then feeds a stack of batches (steps_per_call, batch, ...).
+
+Gradient accumulation (``grad_accum_steps`` = k) splits each step's batch into k micro-batches
+of batch / k, strided (micro-batch i holds rows i, i + k, i + 2k, ...) so that each device keeps
+its own rows, runs forward and backward on them in a ``lax.scan``, and applies the mean gradient in
+one optimizer update: the update of the whole batch, up to float rounding, with 1/k the activation
+memory. Micro-batch i draws its noise, times and dropout masks from ``fold_in(step_key, i)``.
 """
 
 from __future__ import annotations
@@ -18,14 +24,15 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffjax.sharding import batch_sharding, global_batch, make_mesh, tree_shardings
-from diffjax.training.state import TrainState, ema_update
+from diffjax.training.state import TrainState, ema_decay_at, ema_update
 
-__all__ = ["make_mesh", "state_shardings", "shard_state", "global_batch", "make_train_step"]
+__all__ = ["make_mesh", "state_shardings", "shard_state", "global_batch", "make_train_step", "split_micro_batches"]
 
 
 def state_shardings(state: TrainState, mesh: Mesh, min_size: int = 2**14):
@@ -43,9 +50,11 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     ema_decay: float,
+    ema_warmup: bool = False,
     shardings=None,
     mesh: Optional[Mesh] = None,
     steps_per_call: int = 1,
+    grad_accum_steps: int = 1,
     donate: bool = True,
 ):
     """``step(state, batch) -> (state, metrics)``, jitted (score_sde ``train_step`` / VDM ``train_step``).
@@ -53,19 +62,40 @@ def make_train_step(
     ``loss_fn(params, batch, key) -> (loss, aux)``. metrics: ``loss`` and ``grad_norm`` per step
     (shape (steps_per_call,)). ``shardings``/``mesh`` lay the state and the batch out on the mesh;
     the state's buffers are donated, so the input state must not be used after the call.
+    ``grad_accum_steps`` = k: the mean gradient of k micro-batches (module docstring); the batch
+    size must be a multiple of k (of k x the batch shards on a mesh). ``ema_warmup``: ``ema_decay_at``.
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}")
     if steps_per_call < 1:
         raise ValueError(f"steps_per_call must be >= 1; got {steps_per_call}")
+    if not (isinstance(grad_accum_steps, int) and grad_accum_steps >= 1):
+        raise ValueError(f"grad_accum_steps must be an integer >= 1; got {grad_accum_steps!r}")
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def loss_and_grads(params, batch, key):
+        if grad_accum_steps == 1:
+            (loss, _), grads = value_and_grad(params, batch, key)
+            return loss, grads
+        micro = jax.tree.map(lambda v: split_micro_batches(v, grad_accum_steps), batch)
+
+        def accumulate(carry, xs):
+            i, mb = xs
+            (loss, _), grads = value_and_grad(params, mb, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+        return jax.tree.map(lambda v: v / grad_accum_steps, total)
 
     def one_step(state: TrainState, batch):
         key = jax.random.fold_in(state.key, state.step)
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        loss, grads = loss_and_grads(state.params, batch, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        decay = ema_decay_at(state.step, ema_decay, ema_warmup)
         new = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
-                            ema_params=ema_update(state.ema_params, params, ema_decay))
+                            ema_params=ema_update(state.ema_params, params, decay))
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def step(state, batches):
@@ -81,3 +111,10 @@ def make_train_step(
         kwargs.update(in_shardings=(shardings, batch_sharding(mesh, stacked=steps_per_call > 1)),
                       out_shardings=(shardings, NamedSharding(mesh, P())))
     return jax.jit(step, **kwargs)
+
+
+def split_micro_batches(v, k: int):
+    """(B, ...) -> (k, B / k, ...), micro-batch i = rows i, i + k, ... (each device keeps its rows)."""
+    if v.shape[0] % k:
+        raise ValueError(f"batch of {v.shape[0]} rows is not divisible by grad_accum_steps={k}")
+    return jnp.moveaxis(v.reshape(v.shape[0] // k, k, *v.shape[1:]), 1, 0)
