@@ -1,6 +1,9 @@
 """The benchmark scripts' own bookkeeping, where a silent miscount would change a reported figure."""
 
+import ast
 import collections
+import glob
+import os
 
 import jax
 import jax.numpy as jnp
@@ -47,3 +50,42 @@ def test_step_floor_times_each_distinct_op_once_with_its_count():
     prog = floor.programs["conv_general_dilated"]
     assert len(prog["args"]) == 2 and not np.array_equal(prog["args"][0][0], prog["args"][1][0])
     assert len(prog["fn"](prog["args"])) == 2 and s["one_program_s"]["conv_general_dilated"] > 0
+
+
+def _top_level_names(tree) -> set:
+    """Names a module defines at its top level (functions, classes, assignments, imports)."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def test_experiment_scripts_import_each_other_by_existing_paths_and_names():
+    """Every ``experiments.<folder>.<script>`` import (top level or inside a function) names a file and its names."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    scripts = sorted(glob.glob(os.path.join(root, "experiments", "**", "*.py"), recursive=True))
+    checked = 0
+    for path in scripts:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "experiments":
+                target = os.path.join(root, *node.module.split(".")) + ".py"
+                where = f"{os.path.relpath(path, root)}:{node.lineno}"
+                if not os.path.isfile(target):  # `from experiments.benchmarks import benchlib`
+                    target = os.path.join(root, *node.module.split("."), node.names[0].name + ".py")
+                    assert len(node.names) == 1 and os.path.isfile(target), f"{where}: no module {node.module}"
+                    checked += 1
+                    continue
+                with open(target, encoding="utf-8") as f:
+                    defined = _top_level_names(ast.parse(f.read(), target))
+                missing = [a.name for a in node.names if a.name not in defined]
+                assert not missing, f"{where}: {node.module} defines no {missing}"
+                checked += 1
+    assert checked >= 20, checked  # the perf scripts, ablations and benchmarks share bench_train / benchlib
