@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.models.conv import conv2d_same
+from diffjax.models.cpu_kernels import conv2d_same
 from experiments.perf import step_floor
 
 
