@@ -266,4 +266,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from diffjax import xla_cpu
+
+    xla_cpu.tune()  # XLA:CPU flags and glibc malloc options before JAX starts, as diffjax's CLIs do
     main()

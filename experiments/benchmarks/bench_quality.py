@@ -153,4 +153,7 @@ def render(rows, floor, args):
 
 
 if __name__ == "__main__":
+    from diffjax import xla_cpu
+
+    xla_cpu.tune()  # XLA:CPU flags and glibc malloc options before JAX starts, as diffjax's CLIs do
     main()

@@ -464,4 +464,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from diffjax import xla_cpu
+
+    xla_cpu.tune()  # XLA:CPU flags and glibc malloc options before JAX starts, as diffjax's CLIs do
     main()

@@ -119,7 +119,9 @@ def main():
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1; got {args.repeats}")
-    import diffjax  # noqa: F401  (XLA:CPU flags and malloc options before JAX starts)
+    from diffjax import xla_cpu
+
+    xla_cpu.tune()  # XLA:CPU flags and glibc malloc options before JAX starts, as diffjax's CLIs do
 
     from experiments.benchmarks.bench_train import cpu_name
     from experiments.benchmarks.benchlib import write_section

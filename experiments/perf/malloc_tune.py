@@ -5,10 +5,10 @@
 
 XLA:CPU allocates one temporary buffer per execution for all intermediates of a compiled program;
 with glibc's defaults a block that large is a fresh mmap, unmapped on free, so every step
-page-faults it back in. ``diffjax`` sets glibc options on import (one arena, no mmap, 1 GiB trim
+page-faults it back in. ``diffjax.xla_cpu.tune()`` sets glibc options (one arena, no mmap, 1 GiB trim
 threshold; ``diffjax/xla_cpu.py``) so the buffer is reused. Each setting runs in its own process,
 the settings alternating over ``--rounds`` rounds so that host-speed drift hits both alike:
-  on   the default: diffjax's options set on import;
+  on   the default: diffjax's options set by ``tune()``;
   off  ``DIFFJAX_MALLOC_TUNE=0``: glibc as it comes (an arena per thread, mmap above its threshold).
 Per process and size: ``bench_train.py``'s train step and bare forward + backward, median of
 ``--repeats`` blocks of back-to-back steps after warm-up; minor page faults and kernel CPU time
@@ -34,9 +34,10 @@ CONTENDERS = {"jax_step": "train step", "jax_bare": "bare fwd+bwd"}
 
 
 def child(size: str, repeats: int) -> dict:
-    import diffjax  # noqa: F401  (sets, or with DIFFJAX_MALLOC_TUNE=0 skips, the options)
-    from experiments.benchmarks.bench_train import STEPS, JaxContenders, host_batches
     from diffjax import xla_cpu
+
+    xla_cpu.tune()  # sets, or with DIFFJAX_MALLOC_TUNE=0 skips, the options (and the XLA:CPU flags in both)
+    from experiments.benchmarks.bench_train import STEPS, JaxContenders, host_batches
 
     jc = JaxContenders(size, host_batches(size, 0), "eps")
     steps = STEPS[size][1]

@@ -2,7 +2,7 @@
 
 Each setting runs in its own process (XLA reads its flags once, at backend start):
   off  DIFFJAX_XLA_CPU_FLAGS=0: jaxlib's defaults (convolutions as YNNPACK fusions on jaxlib 0.10)
-  on   the default: ``diffjax.xla_cpu.CPU_FLAGS`` appended to XLA_FLAGS on import
+  on   the default: ``diffjax.xla_cpu.CPU_FLAGS`` appended to XLA_FLAGS by ``tune()``
 and times, in that process:
   * one 3x3 SAME convolution (NHWC, f32) at the shapes of the benchmark U-Nets: forward,
     weight gradient alone, forward + both gradients (jit of grad of sum(conv * g));
@@ -38,13 +38,13 @@ CONV_SHAPES = [(32, 32, 32, 64, 64), (32, 32, 32, 32, 32), (32, 16, 16, 64, 64),
 
 
 def child(repeats: int, sizes: list) -> dict:
-    import diffjax  # noqa: F401  (applies, or with DIFFJAX_XLA_CPU_FLAGS=0 skips, the flags)
+    from diffjax import xla_cpu
+
+    xla_cpu.tune()  # applies, or with DIFFJAX_XLA_CPU_FLAGS=0 skips, the flags (and the malloc options in both)
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jax import lax
-
-    from diffjax import xla_cpu
 
     def timed(f, *args, n):
         jax.block_until_ready(f(*args))
