@@ -8,6 +8,7 @@ XLA:CPU may call ``diffjax.xla_cpu.tune()`` first, as the CLIs do.
 
 from diffjax import losses, parameterization, schedules, sde, timesteps, xla_cpu
 from diffjax.parameterization import Denoised, convert, make_denoiser
+from diffjax.runs import load_run
 from diffjax.samplers import METHODS, sample
 from diffjax.schedules import (
     VE,

@@ -26,13 +26,17 @@ from ml_collections import config_flags
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Path to a config file defining get_config().",
-                                lock_config=True)
-flags.DEFINE_string("workdir", "runs/digits", "Directory for checkpoints, logs, samples and metrics.")
-flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-host run.")
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+
+
+def _define_flags():
+    """The CLI's flags, defined only when this module runs as a program (importing it defines none)."""
+    config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Path to a config file defining get_config().",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", "runs/digits", "Directory for checkpoints, logs, samples and metrics.")
+    flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-host run.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 
 
 _NONE_PATHS: list[str] = []
@@ -85,8 +89,13 @@ def main(argv):
 
 
 def run():
+    """The program: XLA:CPU tuning before any JAX backend starts, the flags, then ``main``."""
+    from diffjax import xla_cpu
+
+    xla_cpu.tune()
     from diffjax.config import split_none_overrides
 
+    _define_flags()
     argv, _NONE_PATHS[:] = split_none_overrides(sys.argv)
     app.run(main, argv=argv)
 

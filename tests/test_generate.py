@@ -147,12 +147,12 @@ def test_data_range_round_trip():
 
 def test_config_sample_grid_is_the_default_grid(unconditional_run):
     """config.sample.grid (saved with the run) picks the time grid when the caller names none."""
-    from diffjax.generate import _load_run
+    from diffjax import load_run
     from diffjax.training.loop import generate
 
     import jax
 
-    run = _load_run(unconditional_run, "diffusion")
+    run = load_run(unconditional_run, task="diffusion").run
     key = jax.random.PRNGKey(3)
     draw_ = lambda **o: generate(run, method="dpm_solver++_2m", num_steps=4, num_samples=6, key=key, **o)[0]  # noqa: E731
     assert run.config.sample.grid == "time_uniform"  # base()'s
@@ -167,3 +167,67 @@ def test_config_sample_grid_is_the_default_grid(unconditional_run):
     other = generate(run, method="dpm_solver++_3m", num_steps=4, num_samples=6, key=key)[0]
     own = generate(run, method="dpm_solver++_3m", num_steps=4, num_samples=6, key=key, grid="logSNR")[0]
     np.testing.assert_array_equal(other, own)  # the config's grid belongs to config.sample.method only
+
+
+# ---- diffjax.load_run: the same runs from Python -------------------------------------------------------
+
+
+def test_load_run_samples_as_the_cli_does_and_scores_as_the_trainer_does(unconditional_run):
+    """load_run rebuilds the run from the config stored with its checkpoint: EMA params, model_fn, schedule;
+    its samples are the CLI's (same seed), and nll_per_dim is the main job's test NLL on the same data."""
+    import jax
+
+    import diffjax
+    from diffjax.data import eval_batches
+    from diffjax.training import loop
+    from diffjax.training.builders import build_schedule
+
+    run = diffjax.load_run(unconditional_run)
+    assert run.step == 4 and run.task == "diffusion" and run.num_classes is None
+    assert run.config.model.name == "mlp" and run.schedule == build_schedule(run.config.diffusion)
+    assert all(bool(jax.numpy.array_equal(a, b)) for a, b in
+               zip(jax.tree.leaves(run.params), jax.tree.leaves(run.run.state.ema_params)))
+    assert run.model_fn(np.zeros((3, 2), np.float32), np.full((3,), 0.5, np.float32)).shape == (3, 2)
+    x, nfe = run.sample(8, method="ddim", num_steps=3, key=jax.random.PRNGKey(0), return_nfe=True)
+    assert x.shape == (8, 2) and x.dtype == np.float32 and nfe >= 3
+    np.testing.assert_array_equal(x, generate_samples(unconditional_run, 8, method="ddim", num_steps=3)[0])
+    run.config.eval.update(num_examples=8, batch_size=8)
+    key = jax.random.PRNGKey(4)
+    data = next(eval_batches("ring", split="test", batch_size=8, num_examples=8))
+    nll = run.nll_per_dim(data["x"] if isinstance(data, dict) else data, key=key)
+    assert nll["unit"] == "nats/dim" and nll["num_examples"] == 8 and np.isfinite(nll["mean"])
+    assert nll["mean"] == loop._test_split_nll(run.run, key)["test_nats_per_dim"]
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 2\)"):
+        run.nll_per_dim(np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match="labels are needed exactly when"):
+        run.sample(2, labels=[0, 1])
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 3"):
+        diffjax.load_run(unconditional_run, step=3)
+
+
+def test_load_run_guided_samples(conditional_run, classifier_run):
+    """Classifier-free guidance from Python equals the CLI's; a classifier run loads as one and samples nothing."""
+    import jax
+
+    import diffjax
+
+    run = diffjax.load_run(conditional_run)
+    assert run.num_classes == 8
+    x = run.sample(8, method="ddim", num_steps=3, labels=np.arange(8), guidance_scale=2.0, key=jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(x, generate_samples(conditional_run, 8, labels="all", guidance_scale=2.0,
+                                                      method="ddim", num_steps=3)[0])
+    with pytest.raises(ValueError, match=r"labels must be \(8,\) integers"):
+        run.sample(8, labels=np.arange(4))
+    classifier = diffjax.load_run(classifier_run, task="classifier")
+    with pytest.raises(ValueError, match="holds a classifier run; sampling needs a diffusion run"):
+        classifier.sample(2)
+    xc = run.sample(8, method="ddim", num_steps=3, labels=np.arange(8), classifier=classifier, classifier_scale=3.0)
+    assert xc.shape == (8, 2) and np.all(np.isfinite(xc))
+
+
+def test_cli_modules_import_together():
+    """Both CLIs define their flags only when run as programs, so one process imports both (and diffjax)."""
+    res = subprocess.run([sys.executable, "-c", "import diffjax, diffjax.main, diffjax.generate; "
+                          "from absl import flags; assert 'workdir' not in flags.FLAGS; print('ok')"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
