@@ -25,7 +25,7 @@ case "$ACTION" in
     tar czf /tmp/diffjax-src.tgz --exclude=.git --exclude=runs --exclude=.venv .
     gcloud compute tpus tpu-vm scp /tmp/diffjax-src.tgz "$TPU_NAME":/tmp/ --zone "$ZONE" --worker=all
     ssh_all "mkdir -p $REMOTE_DIR && tar xzf /tmp/diffjax-src.tgz -C $REMOTE_DIR && cd $REMOTE_DIR && \
-             pip install -U 'jax[tpu]' && pip install -e ."
+             pip install -U 'jax[tpu]' && pip install -e '.[train]'"
     ;;
   run)
     args=$(printf '%q ' "$@")
