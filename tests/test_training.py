@@ -169,11 +169,17 @@ def test_non_finite_loss_is_reported_and_never_checkpointed(tmp_path, monkeypatc
     ("diffusion.min_snr_gamma", -5.0, "config.diffusion.min_snr_gamma"),
     ("sample.grid", "uniform", "config.sample.grid"),
     ("sample.grid", "ddim_trailing", "sub-sequence of a discrete DDPM chain"),
+    ("model.dtype", "float16", "config.model.dtype"),
+    ("model.kernels", "cuda", "config.model.kernels"),
+    ("training.sample_every", -1, "config.training.sample_every"),
+    ("training.eval_every", 3, "config.training.eval_every: 3 must be a multiple of training.steps_per_call=2"),
 ])
 def test_invalid_config_fields_are_named(field, value, match):
     c = base()
     section, name = field.split(".")
     c[section][name] = value
+    if field == "training.eval_every":
+        c.training.steps_per_call = 2
     with pytest.raises(ConfigError, match=match):
         validate_config(c, num_devices=8)
 
@@ -462,3 +468,15 @@ def test_log_lines_evaluation_during_training_and_restart_after_the_last_step(tm
     assert np.isfinite(first["final_loss"]) and second["final_loss"] == first["final_loss"]
     with open(tmp_path / "checkpoints" / "config_4.json") as f:
         assert json.load(f)["training"]["eval_every"] == 4  # the config is stored with each checkpoint
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_optimizer_state(tmp_path):
+    """config.model.dtype / kernels reach the module; bfloat16 compute trains with float32 params, moments, EMA."""
+    c = toy_config(2)
+    c.model.update(width=16, dtype="bfloat16", kernels="xla")
+    c.training.update(batch_size=16, log_every=2, checkpoint_every=2)
+    run, summary = train(c, str(tmp_path), progress=False)
+    assert run.module.dtype == "bfloat16" and run.module.kernels == "xla"
+    floats = [x for x in jax.tree.leaves(run.state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+    assert np.isfinite(summary["final_loss"])

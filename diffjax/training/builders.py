@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from diffjax import data as data_lib
 from diffjax import models as models_lib
@@ -35,8 +34,8 @@ SCHEDULES = {
 }
 
 TASKS = ("diffusion", "classifier")
-# config.model.dtype -> the modules' compute dtype (None: float32); parameters stay float32 either way
-MODEL_DTYPES = {None: None, "float32": None, "bfloat16": jnp.bfloat16}
+# the models' ``dtype`` (compute dtype; parameters stay float32) and ``kernels`` fields
+MODEL_DTYPES = (None, "float32", "bfloat16")
 KERNELS = ("auto", "xla", "cpu")
 CLASSIFIER_MODELS = ("classifier", "mlp")  # "mlp" with out_dim = classes is the classifier for (B, D) data
 
@@ -70,7 +69,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
     if config.model.name not in models_lib.MODELS:
         _fail("model.name", f"unknown model {config.model.name!r}; known models: {sorted(models_lib.MODELS)}")
     if config.model.get("dtype") not in MODEL_DTYPES:
-        _fail("model.dtype", f"must be one of {sorted(MODEL_DTYPES, key=str)}; got {config.model.get('dtype')!r}")
+        _fail("model.dtype", f"must be one of {MODEL_DTYPES}; got {config.model.get('dtype')!r}")
     if config.model.get("kernels", "auto") not in KERNELS:
         _fail("model.kernels", f"must be one of {KERNELS}; got {config.model.get('kernels')!r}")
     task = config.get("task", "diffusion")
@@ -181,9 +180,8 @@ def build_model(config):
     """
     fields = {k: v for k, v in config.model.to_dict().items() if k not in ("name", "dtype", "kernels")}
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    dtype = MODEL_DTYPES.get(config.model.get("dtype"))
-    if dtype is not None:
-        fields["dtype"] = dtype
+    if config.model.get("dtype") not in (None, "float32"):
+        fields["dtype"] = config.model.dtype
     if config.model.get("kernels", "auto") != "auto":
         fields["kernels"] = config.model.kernels
     out_field = "out_dim" if config.model.name == "mlp" else "out_channels"

@@ -317,8 +317,8 @@ def _flush(pending, writer, history_path, bar, timed_steps, timed_secs, log_line
     window = [r[1] for r in rows]
     bar.set_postfix(loss=f"{np.mean(window):.4f}", steps_per_s=f"{rate:.2f}")
     if log_line:
-        print(f"step {rows[-1][0]}: loss {np.mean(window):.4f} (mean of {len(window)} steps), {rate:.2f} steps/s",
-              flush=True)
+        speed = f"{rate:.2f} steps/s" if math.isfinite(rate) else "steps/s from the next line (this one compiled)"
+        print(f"step {rows[-1][0]}: loss {np.mean(window):.4f} (mean of {len(window)} steps), {speed}", flush=True)
     return rows[-1][1]
 
 
