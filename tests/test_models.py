@@ -22,7 +22,6 @@ from diffjax.models import (
     fourier_embedding,
 )
 from diffjax.models.embeddings import TimeEmbedding, default_init
-from diffjax.models.dropout import Dropout, threefry_bits
 from diffjax.models.unet import default_num_groups
 
 KEY = jax.random.PRNGKey(0)
@@ -213,46 +212,6 @@ def test_dropout_only_in_training(tiny):
         make_model_fn(tiny["module"], train=True)(p, x, t, y)
 
 
-@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 5), (2, 3, 5, 7), (16, 8, 8, 64)])
-def test_threefry_bits_equal_jax_random_bits(shape):
-    for key in (jax.random.PRNGKey(3), jax.random.key(11)):
-        np.testing.assert_array_equal(jax.jit(threefry_bits, static_argnums=1)(key, shape),
-                                      jax.random.bits(key, shape, jnp.uint32))
-
-
-def test_threefry_bits_rejects_other_keys():
-    with pytest.raises(ValueError, match="threefry2x32 key; got a rbg"):
-        threefry_bits(jax.random.key(0, impl="rbg"), (4,))
-    with pytest.raises(ValueError, match=r"uint32\[2\]"):
-        threefry_bits(jnp.zeros((3,), jnp.uint32), (4,))
-
-
-def test_dropout_keeps_what_flax_dropout_keeps(tiny):
-    """diffjax's Dropout (threefry written out) draws Flax's masks bit for bit, alone and inside the U-Net."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 32))
-    rngs = {"dropout": jax.random.PRNGKey(5)}
-    for rate in (0.1, 0.5):
-        ours = Dropout(rate).apply({}, x, deterministic=False, rngs=rngs)
-        np.testing.assert_array_equal(ours, flax.linen.Dropout(rate).apply({}, x, deterministic=False, rngs=rngs))
-        assert abs(float(jnp.mean(ours == 0)) - rate) < 0.01
-    assert Dropout(0.3).apply({}, x, deterministic=True) is x
-    with pytest.raises(ValueError, match="rate"):
-        Dropout(1.0).apply({}, x, deterministic=False, rngs=rngs)
-    import diffjax.models.unet as unet_lib
-
-    def train_forward():  # traced afresh: the module's Dropout is looked up at trace time
-        f = jax.jit(make_model_fn(tiny["module"], train=True))
-        return f(tiny["perturbed"], tiny["x"], jnp.full((4,), 0.5), LABELS, jax.random.PRNGKey(1))
-
-    ours = train_forward()
-    try:
-        unet_lib.Dropout = flax.linen.Dropout
-        theirs = train_forward()
-    finally:
-        unet_lib.Dropout = Dropout
-    np.testing.assert_array_equal(ours, theirs)
-
-
 # ---- architecture ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("attn,expected", [((4,), {4}), ((8, 2), {8, 2}), ((), set())])
@@ -337,6 +296,9 @@ def test_time_scale_default_is_ddpm_steps():
     (dict(num_groups=5), "num_groups"),
     (dict(num_heads=0), "num_heads"),
     (dict(out_channels=0), "out_channels"),
+    (dict(kernels="gpu"), "kernels"),
+    (dict(kernels=None), "kernels"),
+    (dict(dtype="float16"), "dtype"),
 ])
 def test_unet_bad_fields(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -358,7 +320,8 @@ def test_unet_bad_inputs(cfg, x_shape, match):
 
 def test_mlp_bad_fields_and_inputs():
     for kwargs, field in [(dict(width=0), "width"), (dict(depth=0), "depth"),
-                          (dict(dropout=-0.1), "dropout"), (dict(embedding="x"), "embedding")]:
+                          (dict(dropout=-0.1), "dropout"), (dict(embedding="x"), "embedding"),
+                          (dict(kernels="tpu"), "kernels"), (dict(dtype="int8"), "dtype")]:
         with pytest.raises(ValueError, match=field):
             MLP(**kwargs)
     with pytest.raises(ValueError, match="rank 2"):
@@ -375,6 +338,7 @@ def test_registry_and_helpers():
     with pytest.raises(ValueError, match=r"'dit'.*\['classifier', 'mlp', 'unet'\]"):
         create_model("dit")
 
+
 def test_init_and_model_fn_errors(mlp):
     module, v = mlp["module"], mlp["variables"]
     with pytest.raises(ValueError, match="num_classes"):
@@ -384,197 +348,3 @@ def test_init_and_model_fn_errors(mlp):
     with pytest.raises(ValueError, match="variables dict"):
         make_model_fn(module)(v["params"], jnp.ones((1, 2)), jnp.ones((1,)))
     assert count_params(v) == sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(v))
-
-
-# ---- attention (diffjax.models.unet.spatial_attention, AttnBlock) ------------------------------
-
-@pytest.mark.parametrize("heads", [1, 2, 4])
-def test_spatial_attention_matches_dot_product_attention(heads):
-    """Values and gradients equal ``jax.nn.dot_product_attention`` on (B, T, heads, d) to f32 rounding."""
-    from diffjax.models.unet import spatial_attention
-
-    k = jax.random.split(jax.random.PRNGKey(0), 4)
-    b, t, c = 2, 10, 8
-    q, kk, v, g = (2.0 * jax.random.normal(ki, (b, t, c)) for ki in k)
-
-    def ref(q, k, v):
-        split = lambda a: a.reshape(b, t, heads, c // heads)  # noqa: E731
-        return jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(b, t, c)
-
-    out_r, vjp_r = jax.vjp(ref, q, kk, v)
-    out_o, vjp_o = jax.vjp(lambda q, k, v: spatial_attention(q, k, v, heads), q, kk, v)
-    np.testing.assert_allclose(out_o, out_r, rtol=1e-5, atol=1e-5)
-    for a, r, name in zip(vjp_o(g), vjp_r(g), "qkv"):
-        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5, err_msg=name)
-
-
-def test_attn_block_is_fused_dense_qkv_attention():
-    """AttnBlock keeps nn.Dense(3C)'s "qkv" parameters and init, and computes the textbook block with them."""
-    import flax.linen as nn
-
-    from diffjax.models.norm import group_norm
-    from diffjax.models.unet import AttnBlock
-
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 8))
-    block = AttnBlock(num_heads=2, num_groups=2, zero_init=False)
-    params = block.init(KEY, x)["params"]
-    assert jax.tree.map(jnp.shape, params["qkv"]) == {"kernel": (8, 24), "bias": (24,)}
-    class Fused(nn.Module):  # nn.Dense(3C) named "qkv" at the root: the same rng path, the same initial kernel
-        @nn.compact
-        def __call__(self, h):
-            return nn.Dense(24, kernel_init=default_init(), name="qkv")(h)
-
-    ref_kernel = Fused().init(KEY, x.reshape(2, 16, 8))["params"]["qkv"]["kernel"]
-    np.testing.assert_array_equal(params["qkv"]["kernel"], ref_kernel)
-
-    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
-    h = group_norm(x, params["norm"]["scale"], params["norm"]["bias"], 2).reshape(2, 16, 8)
-    qkv = h @ params["qkv"]["kernel"] + params["qkv"]["bias"]
-    q, k, v = jnp.split(qkv.reshape(2, 16, 6, 4), 3, axis=2)
-    a = jax.nn.dot_product_attention(q, k, v).reshape(2, 16, 8)
-    want = (x + (a @ params["out"]["kernel"] + params["out"]["bias"]).reshape(x.shape)) / np.sqrt(2.0)
-    np.testing.assert_allclose(block.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
-
-
-# ---- GroupNorm with the hand-written backward (diffjax.models.norm) ----------------------------
-
-@pytest.mark.parametrize("shape,groups", [((3, 16, 16, 12), 3), ((2, 4, 4, 8), 8), ((2, 5, 6), 2)])
-@pytest.mark.parametrize("act", [None, "silu"])
-@pytest.mark.parametrize("fused", [True, False])
-def test_group_norm_matches_flax(shape, groups, act, fused):
-    """Values and all three gradients equal flax.linen.GroupNorm (+ SiLU) autodiff to f32 rounding."""
-    import flax.linen as nn
-
-    from diffjax.models.norm import group_norm
-
-    k = jax.random.split(jax.random.PRNGKey(0), 4)
-    x = 1.5 * jax.random.normal(k[0], shape) + 0.7
-    c = shape[-1]
-    scale, bias = 1 + 0.3 * jax.random.normal(k[1], (c,)), 0.2 * jax.random.normal(k[2], (c,))
-    g = jax.random.normal(k[3], shape)
-
-    def ref(x, scale, bias):
-        y = nn.GroupNorm(num_groups=groups, epsilon=1e-6).apply({"params": {"scale": scale, "bias": bias}}, x)
-        return jax.nn.silu(y) if act == "silu" else y
-
-    def ours(x, scale, bias):
-        return group_norm(x, scale, bias, groups, 1e-6, act, fused_backward=fused)
-
-    out_r, vjp_r = jax.vjp(ref, x, scale, bias)
-    out_o, vjp_o = jax.vjp(ours, x, scale, bias)
-    np.testing.assert_allclose(out_o, out_r, rtol=1e-5, atol=1e-5)
-    for a, b, name in zip(vjp_o(g), vjp_r(g), ("x", "scale", "bias")):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()), err_msg=name)
-
-
-def test_group_norm_module_params_and_paths():
-    """Same parameter tree as flax's GroupNorm (checkpoints carry over); both backward paths agree."""
-    import flax.linen as nn
-
-    from diffjax.models.norm import GroupNorm
-
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 8))
-    ours = GroupNorm(num_groups=4, act="silu")
-    p = ours.init(jax.random.PRNGKey(0), x)
-    ref = nn.GroupNorm(num_groups=4).init(jax.random.PRNGKey(0), x)
-    chex.assert_trees_all_equal_shapes_and_dtypes(p, ref)
-    small = GroupNorm(num_groups=4, act="silu", fused_min_positions=257)  # 16 * 16 = 256 < 257: autodiff
-    loss = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x, train=True) ** 2))(p)  # noqa: E731
-    chex.assert_trees_all_close(loss(ours), loss(small), rtol=1e-5, atol=1e-6)
-
-
-def test_group_norm_bad_input():
-    from diffjax.models.norm import group_norm
-
-    x, s = jnp.ones((2, 4, 4, 6)), jnp.ones(6)
-    with pytest.raises(ValueError, match="num_groups=4 must divide"):
-        group_norm(x, s, s, 4)
-    with pytest.raises(ValueError, match=r"scale must have shape \(6,\)"):
-        group_norm(x, jnp.ones(5), s, 3)
-    with pytest.raises(ValueError, match="act must be one of"):
-        group_norm(x, s, s, 3, act="relu")
-
-
-# ---- convolution with canonical-form gradients (diffjax.models.conv) --------------------------
-
-@pytest.mark.parametrize("shape,k", [((2, 8, 8, 3), 3), ((2, 5, 7, 4), 3), ((2, 6, 6, 4), 1), ((1, 8, 8, 2), 4)])
-def test_conv2d_same_matches_lax_autodiff(shape, k):
-    from jax import lax
-
-    from diffjax.models.conv import conv2d_same
-
-    ks = jax.random.split(jax.random.PRNGKey(0), 3)
-    x, w = jax.random.normal(ks[0], shape), jax.random.normal(ks[1], (k, k, shape[-1], 5))
-
-    def ref(x, w):
-        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-    y_r, vjp_r = jax.vjp(ref, x, w)
-    y_o, vjp_o = jax.vjp(conv2d_same, x, w)
-    g = jax.random.normal(ks[2], y_r.shape)
-    np.testing.assert_allclose(y_o, y_r, rtol=1e-5, atol=1e-5)
-    for a, b in zip(vjp_o(g), vjp_r(g)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
-
-
-def test_conv_gradients_canonical_inside_scan():
-    """Every convolution of a scanned train-like step is in XLA:CPU's canonical form (the fast Eigen path)."""
-    import re
-
-    import flax.linen as nn
-
-    from diffjax.models.conv import Conv
-
-    x = jnp.ones((2, 8, 8, 3))
-    m = Conv(4, 3)
-    p = m.init(jax.random.PRNGKey(0), x)
-    chex.assert_trees_all_equal_shapes_and_dtypes(p, nn.Conv(4, (3, 3), padding="SAME").init(jax.random.PRNGKey(0), x))
-
-    def body(carry, _):  # gradients w.r.t. both the weights and the input (as for a conv inside a network)
-        g = jax.grad(lambda c: jnp.sum(jax.nn.silu(m.apply(c[0], c[1], train=True)) ** 2))(carry)
-        return jax.tree.map(lambda a, b: a - 1e-3 * b, carry, g), None
-
-    hlo = jax.jit(lambda c: jax.lax.scan(body, c, None, length=2)[0]).lower((p, x)).compile().as_text()
-    labels = re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo)
-    assert len(labels) >= 3, labels  # forward, input gradient, weight gradient
-    assert set(labels) == {"b01f_01io->b01f"}, labels
-
-
-def test_unet_train_and_eval_paths_agree_and_eval_has_forward_mode():
-    """train=True takes the custom-VJP conv/GroupNorm (reverse mode only); train=False stays plain and
-    supports jax.linearize (the likelihood's trace); both give the same values and gradients."""
-    m = UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 1))
-    t = jnp.full((2,), 0.3)
-    p = init_params(m, jax.random.PRNGKey(1), x.shape)
-    p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape), p)
-    f = lambda p, train: jnp.sum(m.apply(p, x, t, train=train) ** 2)  # noqa: E731
-    np.testing.assert_allclose(f(p, True), f(p, False), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(jax.grad(f)(p, True)), jax.tree.leaves(jax.grad(f)(p, False))):
-        # f32 rounding of differently ordered sums: relative to each leaf's scale (errors ~3e-7 of it)
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5 * float(jnp.abs(b).max()))
-    _, tangent = jax.jvp(lambda x: m.apply(p, x, t, train=False), (x,), (jnp.ones_like(x),))
-    _, lin = jax.linearize(lambda x: m.apply(p, x, t, train=False), x)
-    np.testing.assert_allclose(lin(jnp.ones_like(x)), tangent, rtol=1e-5, atol=1e-6)
-
-
-def test_conv2d_same_bad_input():
-    from diffjax.models.conv import conv2d_same
-
-    with pytest.raises(ValueError, match=r"same Cin; got x \(2, 8, 8, 3\), w \(3, 3, 4, 5\)"):
-        conv2d_same(jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 4, 5)))
-    with pytest.raises(ValueError, match="x must be"):
-        conv2d_same(jnp.ones((8, 8, 3)), jnp.ones((3, 3, 3, 5)))
-
-
-def test_silu_division_form_matches_silu_everywhere():
-    """diffjax.models.norm.silu equals jax.nn.silu in value, gradient and tangent, with no NaN at the extremes."""
-    from diffjax.models.norm import silu
-
-    y = jnp.concatenate([jnp.linspace(-30.0, 30.0, 1201), jnp.array([-1e4, -1000.0, -90.0, -80.0, 90.0, 1e4])])
-    np.testing.assert_allclose(silu(y), jax.nn.silu(y), rtol=1e-6, atol=1e-30)
-    g_ours, g_ref = jax.vmap(jax.grad(silu))(y), jax.vmap(jax.grad(jax.nn.silu))(y)
-    assert np.all(np.isfinite(g_ours))
-    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-30)
-    t_ours = jax.jvp(silu, (y,), (jnp.ones_like(y),))[1]
-    np.testing.assert_allclose(t_ours, g_ref, rtol=1e-5, atol=1e-30)

@@ -1,6 +1,7 @@
 """Flax networks, seen by the rest of diffjax only as ``model_fn(params, x, t, cond) -> prediction``.
 
-``create_model(name, **fields)`` builds a module from the registry ``MODELS``;
+``create_model(name, **fields)`` builds a module from the registry ``MODELS`` (every model takes
+``kernels="auto"|"xla"|"cpu"`` and ``dtype=None|"float32"|"bfloat16"``, see ``diffjax.models.ops``);
 ``init_params(module, key, x_shape)`` returns its variables; ``make_model_fn(module)`` turns it
 into the pure function the losses, samplers and likelihoods consume, so no other layer imports Flax.
 """
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 
 from diffjax.models.embeddings import ClassEmbedding, TimeEmbedding, fourier_embedding, sinusoidal_embedding
 from diffjax.models.classifier import EncoderClassifier
-from diffjax.models.dropout import Dropout, threefry_bits
 from diffjax.models.mlp import MLP
+from diffjax.models.ops import KERNELS, Conv, Dropout, GroupNorm, QKVAttention, resolve_kernels
 from diffjax.models.unet import UNet
 
 __all__ = [
@@ -26,8 +27,12 @@ __all__ = [
     "UNet",
     "MLP",
     "EncoderClassifier",
+    "KERNELS",
+    "resolve_kernels",
+    "Conv",
+    "GroupNorm",
     "Dropout",
-    "threefry_bits",
+    "QKVAttention",
     "TimeEmbedding",
     "ClassEmbedding",
     "sinusoidal_embedding",
@@ -66,8 +71,8 @@ def init_params(module: nn.Module, key, x_shape: Sequence[int], num_classes: Opt
     k_params, k_drop = jax.random.split(key)
     rngs = {"params": k_params, "dropout": k_drop}
     init = jax.jit(lambda rngs: module.init(rngs, x, t, cond, train=False))
-    # init runs once, and its graph is mostly the unrolled threefry of every initialiser, on which
-    # XLA's optimising backend spends seconds (3x longer than at level 0 on CPU) for no gain.
+    # init runs once, and its graph is mostly the threefry of every initialiser, on which XLA's
+    # optimising backend spends seconds for no gain.
     return init.lower(rngs).compile(compiler_options={"xla_backend_optimization_level": 0})(rngs)
 
 

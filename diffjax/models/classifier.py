@@ -12,6 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffjax.models import ops
 from diffjax.models.unet import UNet, _norm
 
 __all__ = ["EncoderClassifier"]
@@ -20,7 +21,8 @@ __all__ = ["EncoderClassifier"]
 class EncoderClassifier(UNet):
     """Logits (B, out_channels) of p_phi(y | x_t, t) from x (B, H, W, C) and t (B,) in schedule units.
 
-    Fields as in ``UNet``; ``out_channels`` is the number of classes and must be set.
+    Fields as in ``UNet`` (``kernels`` and ``dtype`` included; logits in float32); ``out_channels``
+    is the number of classes and must be set.
     ``mid_attn`` and ``attn_resolutions`` default off: the small images it is built for do not need them.
     """
 
@@ -45,5 +47,7 @@ class EncoderClassifier(UNet):
     @nn.compact
     def __call__(self, x, t, cond=None, *, train: bool = False):
         h, _, _, _ = self._encode(jnp.asarray(x), t, None, train)
-        h = _norm(h.shape[-1], self.num_groups, "norm_out", act="silu")(h, train)
-        return nn.Dense(self.out_channels, kernel_init=nn.initializers.zeros, name="head")(jnp.mean(h, axis=(1, 2)))
+        h = _norm(h.shape[-1], self.num_groups, "norm_out", act="silu", kernels=self.kernels, dtype=self.dtype)(h, train)
+        head = nn.Dense(self.out_channels, kernel_init=nn.initializers.zeros, dtype=ops.compute_dtype(self.dtype),
+                        name="head")
+        return head(jnp.mean(h, axis=(1, 2))).astype(jnp.float32)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -131,6 +131,7 @@ class TimeEmbedding(nn.Module):
     embedding: str = "positional"
     time_scale: Optional[float] = None
     fourier_scale: float = 16.0
+    dtype: Any = None  # compute dtype of the two Dense layers (None: float32); the features stay float32
 
     @nn.compact
     def __call__(self, t):
@@ -139,8 +140,8 @@ class TimeEmbedding(nn.Module):
             feats = sinusoidal_embedding(scaled, self.features)
         else:
             feats = fourier_embedding(scaled, 2 * (self.features // 2), self.fourier_scale)
-        h = nn.Dense(self.dim, kernel_init=default_init(), name="dense0")(feats)
-        return nn.Dense(self.dim, kernel_init=default_init(), name="dense1")(nn.silu(h))
+        h = nn.Dense(self.dim, kernel_init=default_init(), dtype=self.dtype, name="dense0")(feats)
+        return nn.Dense(self.dim, kernel_init=default_init(), dtype=self.dtype, name="dense1")(nn.silu(h))
 
 
 class ClassEmbedding(nn.Module):
@@ -151,6 +152,7 @@ class ClassEmbedding(nn.Module):
 
     num_classes: int
     dim: int
+    dtype: Any = None  # dtype of the looked-up rows (None: float32)
 
     @nn.compact
     def __call__(self, cond, batch: int):
@@ -161,7 +163,7 @@ class ClassEmbedding(nn.Module):
             raise ValueError(f"cond must have shape ({batch},); got {cond.shape}")
         if not jnp.issubdtype(cond.dtype, jnp.integer):
             raise ValueError(f"cond must hold integer labels; got dtype {cond.dtype}")
-        table = nn.Embed(self.num_classes + 1, self.dim, name="table",
+        table = nn.Embed(self.num_classes + 1, self.dim, dtype=self.dtype, name="table",
                          embedding_init=nn.initializers.normal(1.0))
         return table(cond)
 
@@ -171,13 +173,14 @@ def conditioning(model: nn.Module, t, cond, batch: int, *, dim: int, features: i
     class-conditional model, the class embedding of ``cond`` (submodules ``time_embed`` / ``class_embed``).
 
     Called inside ``model``'s compact ``__call__``; reads its ``embedding``, ``time_scale``,
-    ``fourier_scale`` and ``num_classes`` fields.
+    ``fourier_scale``, ``num_classes`` and ``dtype`` (the compute dtype, None or a name) fields.
     """
     if cond is not None and model.num_classes is None:
         raise ValueError(f"cond was given but num_classes is None (an unconditional {type(model).__name__})")
     t = check_time(t, batch)
-    emb = TimeEmbedding(dim, features, model.embedding, model.time_scale, model.fourier_scale,
+    dtype = jnp.dtype(model.dtype or "float32")
+    emb = TimeEmbedding(dim, features, model.embedding, model.time_scale, model.fourier_scale, dtype,
                         name="time_embed")(t)
     if model.num_classes is not None:
-        emb = emb + ClassEmbedding(model.num_classes, dim, name="class_embed")(cond, batch)
+        emb = emb + ClassEmbedding(model.num_classes, dim, dtype, name="class_embed")(cond, batch)
     return emb

@@ -7,7 +7,7 @@ from typing import Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffjax.models.dropout import Dropout
+from diffjax.models import ops
 from diffjax.models.embeddings import check_embedding_fields, check_int, conditioning, default_init
 
 __all__ = ["MLP", "MLPBlock"]
@@ -19,14 +19,17 @@ class MLPBlock(nn.Module):
     width: int
     layer_norm: bool = True
     dropout: float = 0.0
+    kernels: str = "auto"
+    dtype: Optional[str] = None
 
     @nn.compact
     def __call__(self, h, emb, train: bool = False):
-        z = nn.LayerNorm(name="norm")(h) if self.layer_norm else h
-        z = nn.Dense(self.width, kernel_init=default_init(), name="dense0")(z)
-        z = z + nn.Dense(self.width, kernel_init=default_init(), name="emb")(nn.silu(emb))
-        z = Dropout(self.dropout)(nn.silu(z), deterministic=not train)
-        return h + nn.Dense(self.width, kernel_init=default_init(), name="dense1")(z)
+        dtype = ops.compute_dtype(self.dtype)
+        z = nn.LayerNorm(dtype=dtype, name="norm")(h) if self.layer_norm else h
+        z = nn.Dense(self.width, kernel_init=default_init(), dtype=dtype, name="dense0")(z)
+        z = z + nn.Dense(self.width, kernel_init=default_init(), dtype=dtype, name="emb")(nn.silu(emb))
+        z = ops.Dropout(self.dropout, self.kernels)(nn.silu(z), deterministic=not train)
+        return h + nn.Dense(self.width, kernel_init=default_init(), dtype=dtype, name="dense1")(z)
 
 
 class MLP(nn.Module):
@@ -41,6 +44,8 @@ class MLP(nn.Module):
       num_classes, embedding, time_scale, fourier_scale: as in ``UNet`` (row ``num_classes`` of
         the class table is the null class; ``cond=None`` means all null).
       out_dim: output width; None means D.
+      kernels, dtype: as in ``UNet`` (here only dropout has a CPU kernel; LayerNorm statistics in
+        float32, output float32).
     """
 
     width: int = 256
@@ -53,6 +58,8 @@ class MLP(nn.Module):
     time_scale: Optional[float] = None
     fourier_scale: float = 16.0
     out_dim: Optional[int] = None
+    kernels: str = "auto"
+    dtype: Optional[str] = None
 
     def __post_init__(self):
         check_int("width", self.width)
@@ -61,6 +68,8 @@ class MLP(nn.Module):
         check_int("out_dim", self.out_dim, optional=True)
         check_embedding_fields(self.embedding, self.time_scale, self.fourier_scale,
                                self.num_classes, self.dropout)
+        ops.check_kernels(self.kernels)
+        ops.compute_dtype(self.dtype)
         super().__post_init__()
 
     @nn.compact
@@ -71,10 +80,13 @@ class MLP(nn.Module):
         b, d = x.shape
         emb_dim = self.width if self.emb_dim is None else self.emb_dim
         emb = conditioning(self, t, cond, b, dim=emb_dim, features=emb_dim)
-        h = nn.Dense(self.width, kernel_init=default_init(), name="dense_in")(x)
+        dtype = ops.compute_dtype(self.dtype)
+        h = nn.Dense(self.width, kernel_init=default_init(), dtype=dtype, name="dense_in")(x)
         for i in range(self.depth):
-            h = MLPBlock(self.width, self.layer_norm, self.dropout, name=f"block{i}")(h, emb, train)
+            h = MLPBlock(self.width, self.layer_norm, self.dropout, self.kernels, self.dtype,
+                         name=f"block{i}")(h, emb, train)
         if self.layer_norm:
-            h = nn.LayerNorm(name="norm_out")(h)
+            h = nn.LayerNorm(dtype=dtype, name="norm_out")(h)
         out = d if self.out_dim is None else self.out_dim
-        return nn.Dense(out, kernel_init=nn.initializers.zeros, name="dense_out")(nn.silu(h))
+        h = nn.Dense(out, kernel_init=nn.initializers.zeros, dtype=dtype, name="dense_out")(nn.silu(h))
+        return h.astype(jnp.float32)

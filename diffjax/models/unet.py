@@ -19,12 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffjax.models import ops
 from diffjax.models.embeddings import check_embedding_fields, check_int, conditioning, default_init
-from diffjax.models.conv import Conv
-from diffjax.models.dropout import Dropout
-from diffjax.models.norm import GroupNorm, silu
 
-__all__ = ["UNet", "ResBlock", "AttnBlock", "spatial_attention", "Downsample", "Upsample", "default_num_groups"]
+__all__ = ["UNet", "ResBlock", "AttnBlock", "Downsample", "Upsample", "default_num_groups"]
 
 _ZERO = nn.initializers.zeros
 
@@ -43,17 +41,17 @@ def _groups(channels: int, num_groups: Optional[int]) -> int:
     return default_num_groups(channels) if num_groups is None else num_groups
 
 
-def _norm(channels: int, num_groups: Optional[int], name: str, act: Optional[str] = None) -> GroupNorm:
-    """GroupNorm (eps 1e-6), optionally fused with the SiLU after it (``diffjax.models.norm``)."""
-    return GroupNorm(num_groups=_groups(channels, num_groups), epsilon=1e-6, act=act, name=name)
+def _norm(channels: int, num_groups: Optional[int], name: str, act: Optional[str] = None,
+          kernels: str = "auto", dtype=None) -> ops.GroupNorm:
+    """GroupNorm (eps 1e-6), optionally followed by SiLU (``diffjax.models.ops.GroupNorm``)."""
+    return ops.GroupNorm(_groups(channels, num_groups), 1e-6, act, kernels, dtype, name=name)
 
 
-def _conv(features: int, kernel: int = 3, stride: int = 1, zero: bool = False, name=None) -> nn.Module:
-    """SAME k x k convolution; stride 1 runs on ``diffjax.models.conv.Conv`` (canonical-form gradients)."""
+def _conv(features: int, kernel: int = 3, stride: int = 1, zero: bool = False, name=None,
+          kernels: str = "auto", dtype=None) -> ops.Conv:
+    """SAME k x k convolution (``diffjax.models.ops.Conv``), zero- or DDPM-initialised."""
     init = _ZERO if zero else default_init()
-    if stride == 1:
-        return Conv(features, kernel, kernel_init=init, name=name)
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME", kernel_init=init, name=name)
+    return ops.Conv(features, kernel, stride, kernel_init=init, kernels=kernels, dtype=dtype, name=name)
 
 
 def _upsample_nearest(x):
@@ -67,17 +65,23 @@ def _downsample_avg(x):
 class Downsample(nn.Module):
     """Plain 2x downsampling by a stride-2 3x3 convolution (Ho et al. 2020)."""
 
+    kernels: str = "auto"
+    dtype: Optional[str] = None
+
     @nn.compact
     def __call__(self, x, train: bool = False):
-        return _conv(x.shape[-1], stride=2, name="conv")(x)  # a flax nn.Conv (stride 2): one path
+        return _conv(x.shape[-1], stride=2, name="conv", kernels=self.kernels, dtype=self.dtype)(x, train)
 
 
 class Upsample(nn.Module):
     """Plain 2x upsampling: nearest-neighbour resize then a 3x3 convolution (Ho et al. 2020)."""
 
+    kernels: str = "auto"
+    dtype: Optional[str] = None
+
     @nn.compact
     def __call__(self, x, train: bool = False):
-        return _conv(x.shape[-1], name="conv")(_upsample_nearest(x), train)
+        return _conv(x.shape[-1], name="conv", kernels=self.kernels, dtype=self.dtype)(_upsample_nearest(x), train)
 
 
 class ResBlock(nn.Module):
@@ -97,70 +101,35 @@ class ResBlock(nn.Module):
     up: bool = False
     down: bool = False
     zero_init: bool = True
+    kernels: str = "auto"
+    dtype: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
+        ops_kw = dict(kernels=self.kernels, dtype=self.dtype)
         in_ch = x.shape[-1]
-        h = _norm(in_ch, self.num_groups, "norm0", act="silu")(x, train)
+        h = _norm(in_ch, self.num_groups, "norm0", act="silu", **ops_kw)(x, train)
+        x = x.astype(h.dtype)
         if self.up:
             h, x = _upsample_nearest(h), _upsample_nearest(x)
         elif self.down:
             h, x = _downsample_avg(h), _downsample_avg(x)
-        h = _conv(self.out_ch, name="conv0")(h, train)
+        h = _conv(self.out_ch, name="conv0", **ops_kw)(h, train)
         n_emb = 2 * self.out_ch if self.scale_shift else self.out_ch
-        e = nn.Dense(n_emb, kernel_init=default_init(), name="emb")(nn.silu(emb))[:, None, None, :]
+        e = nn.Dense(n_emb, kernel_init=default_init(), dtype=ops.compute_dtype(self.dtype),
+                     name="emb")(nn.silu(emb))[:, None, None, :]
         if self.scale_shift:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = silu(_norm(self.out_ch, self.num_groups, "norm1")(h, train) * (1.0 + scale) + shift)
+            h = _norm(self.out_ch, self.num_groups, "norm1", **ops_kw)(h, train) * (1.0 + scale) + shift
+            h = ops.silu(h, self.kernels)
         else:
-            h = _norm(self.out_ch, self.num_groups, "norm1", act="silu")(h + e, train)
-        h = Dropout(self.dropout)(h, deterministic=not train)
-        h = _conv(self.out_ch, zero=self.zero_init, name="conv1")(h, train)
+            h = _norm(self.out_ch, self.num_groups, "norm1", act="silu", **ops_kw)(h + e, train)
+        h = ops.Dropout(self.dropout, self.kernels)(h, deterministic=not train)
+        h = _conv(self.out_ch, zero=self.zero_init, name="conv1", **ops_kw)(h, train)
         if in_ch != self.out_ch or self.up or self.down:  # as in ResnetBlockBigGANpp
-            x = _conv(self.out_ch, kernel=1, name="skip")(x, train)
+            x = _conv(self.out_ch, kernel=1, name="skip", **ops_kw)(x, train)
         out = x + h
         return out / math.sqrt(2.0) if self.skip_rescale else out
-
-
-def spatial_attention(q, k, v, num_heads: int):
-    """softmax(q k^T / sqrt(d)) v per head over positions (Vaswani et al. 2017 eq. 1); q, k, v (B, T, C) -> (B, T, C).
-
-    Head h owns channels [h d, (h + 1) d), d = C / num_heads (the layout of ``jax.nn.dot_product_attention``
-    on (B, T, heads, d)); logits and softmax in at least float32. Written as two batched matmuls on
-    (B, T, C) (one head) or (B, T, heads, d), with q, k, v from three projections (``_QKV``) instead
-    of slices of one fused projection's output: the whole block's forward + backward on XLA:CPU
-    1.16x faster at 16x16x64 (batch 32), 0.93x at 8x8 and 4x4 (BENCHMARKS.md, "Attention block").
-    """
-    b, t, c = q.shape
-    d = c // num_heads
-    f32 = jnp.promote_types(q.dtype, jnp.float32)
-    q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-    if num_heads == 1:
-        logits = jnp.einsum("btc,bsc->bts", q, k, preferred_element_type=f32)
-        p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bts,bsc->btc", p, v)
-    q, k, v = (a.reshape(b, t, num_heads, d) for a in (q, k, v))
-    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=f32)
-    p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", p, v).reshape(b, t, c)
-
-
-class _QKV(nn.Module):
-    """``nn.Dense(3 C)``'s parameters (kernel (C, 3 C), bias (3 C)) applied as three (C, C) projections.
-
-    Same parameters and init as the fused Dense (checkpoints carry over); three matmuls instead of
-    one followed by slicing its output, whose strided copies (and their transposes in the backward)
-    cost more than the matmuls on XLA:CPU.
-    """
-
-    @nn.compact
-    def __call__(self, h):
-        c = h.shape[-1]
-        kernel = self.param("kernel", default_init(), (c, 3 * c))
-        bias = self.param("bias", _ZERO, (3 * c,))
-        dtype = jnp.result_type(h, kernel)
-        h, kernel, bias = h.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
-        return tuple(h @ kernel[:, i * c:(i + 1) * c] + bias[i * c:(i + 1) * c] for i in range(3))
 
 
 class AttnBlock(nn.Module):
@@ -170,16 +139,20 @@ class AttnBlock(nn.Module):
     num_groups: Optional[int] = None
     skip_rescale: bool = True
     zero_init: bool = True
+    kernels: str = "auto"
+    dtype: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         b, hgt, wid, c = x.shape
         if c % self.num_heads:
             raise ValueError(f"attention channels {c} not divisible by num_heads={self.num_heads}")
-        h = _norm(c, self.num_groups, "norm")(x, train).reshape(b, hgt * wid, c)
-        a = spatial_attention(*_QKV(name="qkv")(h), self.num_heads)
+        h = _norm(c, self.num_groups, "norm", kernels=self.kernels, dtype=self.dtype)(x, train)
+        a = ops.QKVAttention(self.num_heads, default_init(), self.kernels, self.dtype,
+                             name="qkv")(h.reshape(b, hgt * wid, c))
         out_init = _ZERO if self.zero_init else default_init()
-        out = x + nn.Dense(c, kernel_init=out_init, name="out")(a).reshape(b, hgt, wid, c)
+        a = nn.Dense(c, kernel_init=out_init, dtype=ops.compute_dtype(self.dtype), name="out")(a)
+        out = x.astype(a.dtype) + a.reshape(b, hgt, wid, c)
         return out / math.sqrt(2.0) if self.skip_rescale else out
 
 
@@ -222,6 +195,11 @@ class UNet(nn.Module):
         None means ``default_num_groups(C)`` per channel count C: min(32, C // 4) as in DDPM++,
         lowered to the nearest divisor of C where that does not divide C.
       out_channels: output channels; None means the input's channel count.
+      kernels: the ops' kernel set (``diffjax.models.ops``): "xla" (stock JAX, every
+        transformation), "cpu" (XLA:CPU kernels) or "auto" ("cpu" iff JAX's default backend is CPU).
+        The parameters are the same for all three.
+      dtype: compute dtype, None (float32) or "bfloat16": activations, convolutions and matmuls in
+        it; parameters float32; GroupNorm statistics and softmax in float32; output float32.
     """
 
     ch: int = 128
@@ -242,6 +220,8 @@ class UNet(nn.Module):
     zero_init: bool = True
     num_groups: Optional[int] = None
     out_channels: Optional[int] = None
+    kernels: str = "auto"
+    dtype: Optional[str] = None
 
     def __post_init__(self):
         self._check_fields()
@@ -261,6 +241,8 @@ class UNet(nn.Module):
         check_int("head_channels", self.head_channels, optional=True)
         check_int("out_channels", self.out_channels, optional=True)
         check_int("num_groups", self.num_groups, optional=True)
+        ops.check_kernels(self.kernels)
+        ops.compute_dtype(self.dtype)
         check_embedding_fields(self.embedding, self.time_scale, self.fourier_scale,
                                self.num_classes, self.dropout)
         for c in sorted(self._normalized_channels()):
@@ -332,12 +314,12 @@ class UNet(nn.Module):
         return res
 
     def _resblock(self, h, emb, c, name, train, up=False, down=False):
-        return ResBlock(c, self.num_groups, self.dropout, self.scale_shift, self.skip_rescale,
-                        up=up, down=down, zero_init=self.zero_init, name=name)(h, emb, train)
+        return ResBlock(c, self.num_groups, self.dropout, self.scale_shift, self.skip_rescale, up=up, down=down,
+                        zero_init=self.zero_init, kernels=self.kernels, dtype=self.dtype, name=name)(h, emb, train)
 
     def _attn(self, h, name, train):
         return AttnBlock(self._heads(h.shape[-1]), self.num_groups, self.skip_rescale, self.zero_init,
-                         name=name)(h, train)
+                         kernels=self.kernels, dtype=self.dtype, name=name)(h, train)
 
     def _encode(self, x, t, cond, train):
         """The conditioning vector, input conv, down path and middle block: (h, skips, emb, resolutions).
@@ -347,7 +329,7 @@ class UNet(nn.Module):
         res = self._check_input(x)
         chans = [self.ch * m for m in self.ch_mult]
         emb = conditioning(self, t, cond, x.shape[0], dim=4 * self.ch, features=self.ch)  # DDPM: ch -> 4 ch
-        h = _conv(chans[0], name="conv_in")(x, train)
+        h = _conv(chans[0], name="conv_in", kernels=self.kernels, dtype=self.dtype)(x, train)
         skips = [h]
         for lvl, c in enumerate(chans):
             r = res[lvl]
@@ -360,7 +342,7 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = self._resblock(h, emb, c, f"down_r{r}_downsample", train, down=True)
                 else:
-                    h = Downsample(name=f"down_r{r}_downsample")(h, train)
+                    h = Downsample(self.kernels, self.dtype, name=f"down_r{r}_downsample")(h, train)
                 skips.append(h)
 
         h = self._resblock(h, emb, chans[-1], "mid_res0", train)
@@ -385,11 +367,12 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = self._resblock(h, emb, c, f"up_r{r}_upsample", train, up=True)
                 else:
-                    h = Upsample(name=f"up_r{r}_upsample")(h, train)
+                    h = Upsample(self.kernels, self.dtype, name=f"up_r{r}_upsample")(h, train)
         assert not skips
 
-        h = _norm(h.shape[-1], self.num_groups, "norm_out", act="silu")(h, train)
-        return _conv(out_ch, zero=self.zero_init, name="conv_out")(h, train)
+        h = _norm(h.shape[-1], self.num_groups, "norm_out", act="silu", kernels=self.kernels, dtype=self.dtype)(h, train)
+        out = _conv(out_ch, zero=self.zero_init, name="conv_out", kernels=self.kernels, dtype=self.dtype)(h, train)
+        return out.astype(jnp.float32)
 
 
 def _first_odd(height: int, n_down: int) -> int:
