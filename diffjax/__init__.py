@@ -7,9 +7,10 @@ XLA:CPU may call ``diffjax.xla_cpu.tune()`` first, as the CLIs do.
 """
 
 from diffjax import losses, parameterization, schedules, sde, timesteps, xla_cpu
-from diffjax.parameterization import Denoised, convert, make_denoiser
+from diffjax.likelihood import log_likelihood
+from diffjax.parameterization import Denoised, Denoiser, convert, make_denoiser
 from diffjax.runs import load_run
-from diffjax.samplers import METHODS, sample
+from diffjax.samplers import METHODS, SAMPLERS, sample
 from diffjax.schedules import (
     VE,
     DiscreteDDPM,

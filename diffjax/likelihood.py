@@ -25,7 +25,7 @@ import numpy as np
 from jax.scipy.special import log_ndtr
 
 from diffjax.data.spec import to_data_range
-from diffjax.parameterization import check_prediction, make_denoiser
+from diffjax.parameterization import Denoiser, as_denoiser, check_prediction
 from diffjax.samplers.ode import ODE_SOLVERS
 from diffjax.schedules import DiscreteDDPM, Schedule, _is_concrete, broadcast_time
 from diffjax.sde import pf_ode_drift
@@ -63,6 +63,8 @@ def _check_x(x):
         )
     if x.ndim < 2:
         raise ValueError(f"x must have shape (batch, ...data dims); got rank {x.ndim} shape {x.shape}")
+    if _is_concrete(x) and x.is_fully_addressable and not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"x must be finite; got {int(jnp.sum(~jnp.isfinite(x)))} non-finite values")
     return x
 
 
@@ -91,12 +93,12 @@ def _make_probes(key, num_probes, shape, dtype, probe):
 
 
 def log_likelihood(
-    model_fn: Callable,
-    schedule: Schedule,
+    model_fn: Callable | Denoiser,
+    schedule: Optional[Schedule],
     x,
     *,
     key: Optional[jax.Array] = None,
-    prediction: str = "eps",
+    prediction: Optional[str] = None,
     cond=None,
     trace: str = "exact",
     num_probes: int = 1,
@@ -114,7 +116,9 @@ def log_likelihood(
     """log p_{t_eps}(x) in nats per example via the PF-ODE (Song et al. 2021 eq. 39 / app. D.2).
 
     Args:
-      x: float array (batch, ...) in the model's data space.
+      model_fn: a ``Denoiser`` (``schedule`` None or the same, ``prediction`` omitted) or a
+        ``model_fn(x, t[, cond])`` predicting ``prediction`` (default eps).
+      x: finite float array (batch, ...) in the model's data space.
       trace: ``"exact"`` (D tangents per evaluation; small D) or ``"hutchinson"`` (Hutchinson
         1989 / FFJORD: ``num_probes`` fixed ``probe`` vectors, rademacher or gaussian, from ``key``).
       solver, rtol, atol: diffrax solver (adaptive tsit5 / dopri5) and its tolerances.
@@ -136,7 +140,10 @@ def log_likelihood(
     Returns ``LikelihoodResult(logp, nfe, z)``; differentiable in x (diffrax's checkpointed adjoint).
     """
     x = _check_x(x)
-    check_prediction(prediction)
+    if prediction is not None:
+        check_prediction(prediction)
+    denoiser = as_denoiser(model_fn, schedule, prediction)
+    schedule = denoiser.schedule
     if trace not in ("exact", "hutchinson"):
         raise ValueError(f"trace must be 'exact' or 'hutchinson'; got {trace!r}")
     if probe not in ("rademacher", "gaussian"):
@@ -161,8 +168,8 @@ def log_likelihood(
     if float(schedule.sigma2(t_eps)) == 0.0:
         raise ValueError(f"t_eps={t_eps} has sigma = 0, where the PF-ODE drift is singular; use t_eps > 0")
     return _log_likelihood_jit(
-        model_fn, schedule, x, key if key is not None else jax.random.PRNGKey(0), cond, prior_logp,
-        (prediction, trace, int(num_probes), probe, solver, t_eps, t_end, int(max_steps), error_control,
+        denoiser, x, key if key is not None else jax.random.PRNGKey(0), cond, prior_logp,
+        (trace, int(num_probes), probe, solver, t_eps, t_end, int(max_steps), error_control,
          coordinates),
         jnp.asarray(rtol, x.dtype), jnp.asarray(atol, x.dtype),
     )
@@ -187,9 +194,9 @@ def _batch_norm(scaled_error):
 _ERROR_NORMS = {"per_example": _per_example_norm, "batch": _batch_norm}
 
 
-def _log_likelihood_impl(model_fn, schedule, x, key, cond, prior_logp, config, rtol, atol):
-    prediction, trace, num_probes, probe, solver, t_eps, t_end, max_steps, error_control, coords = config
-    denoise = make_denoiser(model_fn, schedule, prediction)
+def _log_likelihood_impl(denoise, x, key, cond, prior_logp, config, rtol, atol):
+    trace, num_probes, probe, solver, t_eps, t_end, max_steps, error_control, coords = config
+    schedule = denoise.schedule
     divergence = _divergence_fn(trace)
     probes = None
     if trace == "hutchinson":
@@ -204,7 +211,7 @@ def _log_likelihood_impl(model_fn, schedule, x, key, cond, prior_logp, config, r
         def vf(s, state, args):
             y, _ = state
             t = schedule.t_from_log_snr(-jnp.log(s))  # s = sigma / alpha = exp(-lambda)
-            a = schedule._alpha(t)
+            a = schedule.alpha(t)
             drift, jvp_fn = jax.linearize(lambda y: (y - denoise(a * y, t, cond).x0) / s, y)
             return drift, divergence(jvp_fn, y, probes)
 
@@ -338,12 +345,12 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale, num_bits: int = 8, d
 
 
 def ddpm_vlb(
-    model_fn: Callable,
-    schedule: DiscreteDDPM,
+    model_fn: Callable | Denoiser,
+    schedule: Optional[DiscreteDDPM],
     x0,
     *,
     key: jax.Array,
-    prediction: str = "eps",
+    prediction: Optional[str] = None,
     cond=None,
     decoder: str = "discretized",
     num_bits: int = 8,
@@ -360,6 +367,10 @@ def ddpm_vlb(
     beta ("large") or beta_tilde of step 2 (Ho et al.'s clipped log-variance).
     Returns (bits/dim per example, dict of per-example terms in nats).
     """
+    if prediction is not None:
+        check_prediction(prediction)
+    denoiser = as_denoiser(model_fn, schedule, prediction)
+    schedule = denoiser.schedule
     if not isinstance(schedule, DiscreteDDPM):
         raise ValueError(f"ddpm_vlb needs a DiscreteDDPM schedule; got {type(schedule).__name__}")
     x0 = _check_x(x0)
@@ -374,9 +385,7 @@ def ddpm_vlb(
         arr = np.asarray(x0)
         if arr.min() < lo - 1e-6 or arr.max() > hi + 1e-6:
             raise ValueError(f"x0 must lie in data_range {data_range}; got [{arr.min()}, {arr.max()}]")
-    check_prediction(prediction)
-    return _ddpm_vlb_jit(model_fn, schedule, x0, key, cond,
-                         (prediction, decoder, num_bits, tuple(data_range), variance))
+    return _ddpm_vlb_jit(denoiser, x0, key, cond, (decoder, num_bits, tuple(data_range), variance))
 
 
 VLB_VARIANCES = ("posterior", "large", "learned")
@@ -432,9 +441,9 @@ def ddpm_prior_kl(schedule: DiscreteDDPM, x0):
                         jnp.zeros_like(x0))
 
 
-def _ddpm_vlb_impl(model_fn, schedule, x0, key, cond, config):
-    prediction, decoder, num_bits, data_range, variance = config
-    denoise = make_denoiser(model_fn, schedule, prediction)
+def _ddpm_vlb_impl(denoise, x0, key, cond, config):
+    decoder, num_bits, data_range, variance = config
+    schedule = denoise.schedule
     n = schedule.num_timesteps
     d = math.prod(x0.shape[1:])
     term_kw = dict(decoder=decoder, num_bits=num_bits, data_range=data_range)

@@ -198,8 +198,8 @@ def make_loss(
         if objective == "dsm":
             # ||s_hat - grad log q||^2 = ||eps_hat - eps||^2 / sigma^2 ; weight w(t)
             tb = broadcast_time(t, x0)
-            sigma2 = schedule._sigma2(tb)
-            w = schedule._g2(tb) if weighting == "likelihood" else sigma2
+            sigma2 = schedule.sigma2(tb)
+            w = schedule.g2(tb) if weighting == "likelihood" else sigma2
             err = w / sigma2 * (d.eps - eps) ** 2
             if weighting == "likelihood":
                 err = 0.5 * (t_hi - t_lo) * err  # the time integral's Monte-Carlo estimate
@@ -208,7 +208,7 @@ def make_loss(
             err = (from_x0_eps(d, objective, x_t, t, schedule) - target) ** 2
             if min_snr_gamma is not None:
                 tb = broadcast_time(t, x0)
-                a2, s2 = schedule._alpha(tb) ** 2, schedule._sigma2(tb)
+                a2, s2 = schedule.alpha(tb) ** 2, schedule.sigma2(tb)
                 # min(SNR, gamma) / weight = min(alpha^2, gamma sigma^2) / (sigma^2 weight): finite at sigma -> 0
                 err = err * jnp.minimum(a2, min_snr_gamma * s2) / _X0_WEIGHT_DENOM[objective](a2, s2)
         return err.reshape(x0.shape[0], -1)

@@ -14,9 +14,12 @@ goes through that pair: ``to_x0_eps`` and ``from_x0_eps`` are the only formulas 
 
 from __future__ import annotations
 
+import abc
 import inspect
 from typing import Callable, NamedTuple, Optional
 
+import chex
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -29,7 +32,11 @@ __all__ = [
     "to_x0_eps",
     "from_x0_eps",
     "convert",
+    "Denoiser",
+    "ModelDenoiser",
+    "DenoiserWrapper",
     "make_denoiser",
+    "as_denoiser",
     "call_model",
 ]
 
@@ -53,8 +60,8 @@ def check_prediction(prediction: str) -> str:
 
 def _coeffs(schedule: Schedule, t, x):
     t = broadcast_time(jnp.asarray(t, x.dtype), x)
-    alpha = schedule._alpha(t)
-    sigma = schedule._sigma(t)
+    alpha = schedule.alpha(t)
+    sigma = schedule.sigma(t)
     return t, alpha, sigma
 
 
@@ -78,7 +85,7 @@ def to_x0_eps(pred, prediction: str, x, t, schedule: Schedule) -> Denoised:
         eps = (sigma * x + alpha * pred) / norm
     else:  # flow
         # [x; u] = [[alpha, sigma], [alpha', sigma']] [x0; eps]
-        d_alpha, d_sigma = schedule._d_alpha_sigma(t)
+        d_alpha, d_sigma = schedule.d_alpha_sigma(t)
         det = alpha * d_sigma - sigma * d_alpha
         x0 = (d_sigma * x - sigma * pred) / det
         eps = (alpha * pred - d_alpha * x) / det
@@ -98,7 +105,7 @@ def from_x0_eps(denoised: Denoised, prediction: str, x, t, schedule: Schedule):
         return -eps / sigma
     if prediction == "v":
         return alpha * eps - sigma * x0
-    d_alpha, d_sigma = schedule._d_alpha_sigma(t)
+    d_alpha, d_sigma = schedule.d_alpha_sigma(t)
     return d_alpha * x0 + d_sigma * eps
 
 
@@ -141,19 +148,102 @@ def call_model(model_fn: Callable, x, t, cond=None, *, check_shape: bool = True)
     return out
 
 
-def make_denoiser(
-    model_fn: Callable, schedule: Schedule, prediction: str = "eps"
-) -> Callable[..., Denoised]:
-    """Wrap a ``model_fn(x, t[, cond])`` of any prediction type as ``denoise(x, t, cond) -> Denoised``.
+class Denoiser(eqx.Module):
+    """``denoiser(x, t, cond=None) -> Denoised``: a model of (E[x_0 | x_t], E[eps | x_t]).
+
+    The boundary every sampler, likelihood and guidance wrapper works on. A pytree that carries
+    its ``schedule`` and the ``prediction`` type of the network underneath, so a wrapper or a
+    sampler never takes them a second time; its arrays (parameters, guidance scales) are traced
+    by ``eqx.filter_jit``, so new values reuse a compiled loop.
+    """
+
+    # every concrete denoiser has ``schedule`` (a Schedule) and ``prediction`` (a str)
+
+    @abc.abstractmethod
+    def denoise(self, x, t, cond) -> Denoised:
+        """(x0, eps) at (x, t) with ``t`` of shape (batch,)."""
+
+    def __call__(self, x, t, cond=None) -> Denoised:
+        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
+        out = self.denoise(x, t, cond)
+        chex.assert_equal_shape([out.x0, out.eps, x])
+        return out
+
+    def predict(self, x, t, cond=None):
+        """The denoiser's output as a prediction of its own type (what a network would return)."""
+        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
+        return from_x0_eps(self(x, t, cond), self.prediction, x, t, self.schedule)
+
+
+class ModelDenoiser(Denoiser):
+    """A ``model_fn(x, t[, cond])`` predicting ``prediction``, read as a ``Denoiser``."""
+
+    model_fn: Callable
+    schedule: Schedule
+    prediction: str = eqx.field(static=True)
+
+    def __init__(self, model_fn: Callable, schedule: Schedule, prediction: str = "eps"):
+        self.model_fn = model_fn
+        self.schedule = schedule
+        self.prediction = check_prediction(prediction)
+
+    def denoise(self, x, t, cond) -> Denoised:
+        return to_x0_eps(call_model(self.model_fn, x, t, cond), self.prediction, x, t, self.schedule)
+
+
+class DenoiserWrapper(Denoiser):
+    """A denoiser built on another (guidance, thresholding): schedule and prediction are the inner one's."""
+
+    inner: Denoiser
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.inner.schedule
+
+    @property
+    def prediction(self) -> str:
+        return self.inner.prediction
+
+
+def make_denoiser(model_fn: Callable, schedule: Schedule, prediction: str = "eps") -> Denoiser:
+    """Wrap a ``model_fn(x, t[, cond])`` of any prediction type as a ``Denoiser`` (x, t, cond) -> Denoised.
 
     This is the one place a network's output is interpreted (the DPM-Solver ``model_wrapper``
-    idea); samplers, likelihoods and losses consume only the returned function.
+    idea); samplers, likelihoods, losses and guidance consume only the returned denoiser. A pytree
+    ``model_fn`` (e.g. ``jax.tree_util.Partial(apply, params)``) has its arrays traced under jit.
     """
-    check_prediction(prediction)
+    return ModelDenoiser(model_fn, schedule, check_prediction(prediction))
 
-    def denoise(x, t, cond: Optional[jax.Array] = None) -> Denoised:
-        pred = call_model(model_fn, x, t, cond)
-        t_b = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
-        return to_x0_eps(pred, prediction, x, t_b, schedule)
 
-    return denoise
+def _same_schedule(a: Schedule, b: Schedule) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(eqx.tree_equal(a, b))
+    except (jax.errors.ConcretizationTypeError, TypeError):
+        return True  # traced schedules: cannot be compared on the host
+
+
+def as_denoiser(model, schedule: Optional[Schedule], prediction: Optional[str]) -> Denoiser:
+    """The ``Denoiser`` of an entry point's model argument: a ``Denoiser`` as it is, a model_fn
+    through ``make_denoiser(model, schedule, prediction or "eps")``.
+
+    A ``Denoiser`` brings its own schedule and prediction type: a different ``prediction`` or
+    ``schedule`` passed beside it raises a ValueError (``schedule=None`` takes the denoiser's).
+    """
+    if isinstance(model, Denoiser):
+        if prediction is not None and prediction != model.prediction:
+            raise ValueError(f"prediction={prediction!r} was given with a Denoiser of prediction "
+                             f"{model.prediction!r}; omit prediction= or pass the model_fn")
+        if schedule is not None and not _same_schedule(schedule, model.schedule):
+            raise ValueError(f"schedule {type(schedule).__name__} differs from the Denoiser's schedule "
+                             f"{type(model.schedule).__name__}; omit it (schedule=None) or build the "
+                             "denoiser with this schedule")
+        return model
+    if schedule is None:
+        raise ValueError("schedule is required when the model is a model_fn, not a Denoiser")
+    if not callable(model):
+        raise ValueError(f"model must be a Denoiser or a callable model_fn; got {type(model).__name__}")
+    return make_denoiser(model, schedule, "eps" if prediction is None else prediction)

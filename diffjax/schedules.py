@@ -43,6 +43,7 @@ __all__ = [
     "RectifiedFlow",
     "DiscreteDDPM",
     "broadcast_time",
+    "check_time",
 ]
 
 
@@ -50,18 +51,28 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_time(t, name: str = "t"):
-    """Raise ValueError if a concrete ``t`` leaves [0, 1] (skipped under tracing)."""
+def check_time(t, name: str = "t"):
+    """Raise a ValueError naming ``name`` if a concrete ``t`` leaves [0, 1] (skipped under tracing).
+
+    The validation entry points run on their time arguments; ``Schedule`` methods do not check.
+    """
     if _is_concrete(t):
         arr = np.asarray(t, dtype=np.float64)
         if arr.size and not np.all((arr >= 0.0) & (arr <= 1.0)):
             raise ValueError(
                 f"{name} must lie in [0, 1]; got values in [{arr.min()}, {arr.max()}]"
             )
+    return t
 
 
 def _as_float(t):
     return jnp.asarray(t, dtype=jnp.result_type(float))
+
+
+def _as_time(t):
+    """``t`` as an array; a floating dtype is kept (no host round-trip, no upcast), ints become float."""
+    t = jnp.asarray(t)
+    return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(jnp.result_type(float))
 
 
 def broadcast_time(t, x):
@@ -102,13 +113,6 @@ class Schedule(eqx.Module):
     t_max = 1.0
 
     # ---- derived quantities (the only definitions in the library) ------------------------
-    def _d_alpha_sigma(self, t):
-        """(d alpha/dt, d sigma/dt), by forward-mode differentiation of the primitives."""
-        ones = jnp.ones_like(t)
-        d_alpha = jax.jvp(self._alpha, (t,), (ones,))[1]
-        d_sigma = jax.jvp(self._sigma, (t,), (ones,))[1]
-        return d_alpha, d_sigma
-
     def _log_snr(self, t):
         # lambda = log(alpha / sigma); log(0) = -inf at sigma = 0 gives lambda = +inf, not NaN.
         return self._log_alpha(t) - 0.5 * jnp.log(self._sigma2(t))
@@ -122,46 +126,50 @@ class Schedule(eqx.Module):
         sigma2, dsigma2 = jax.jvp(self._sigma2, (t,), (jnp.ones_like(t),))
         return dsigma2 - 2.0 * self._f(t) * sigma2
 
+    # Public methods: no host-side checks, so they are as cheap inside jit as the primitives;
+    # entry points (samplers, losses, likelihoods) validate concrete times with ``check_time``.
     def log_alpha(self, t):
         """log alpha(t)."""
-        _check_time(t)
-        return self._log_alpha(_as_float(t))
+        return self._log_alpha(_as_time(t))
 
     def alpha(self, t):
         """Signal scale alpha(t) of q(x_t | x_0) = N(alpha x_0, sigma^2 I)."""
-        _check_time(t)
-        return self._alpha(_as_float(t))
+        return self._alpha(_as_time(t))
 
     def sigma2(self, t):
         """Noise variance sigma(t)^2."""
-        _check_time(t)
-        return self._sigma2(_as_float(t))
+        return self._sigma2(_as_time(t))
 
     def sigma(self, t):
         """Noise scale sigma(t)."""
-        _check_time(t)
-        return self._sigma(_as_float(t))
+        return self._sigma(_as_time(t))
 
     def log_snr(self, t):
         """lambda(t) = log(alpha(t) / sigma(t)), strictly decreasing in t."""
-        _check_time(t)
-        return self._log_snr(_as_float(t))
+        return self._log_snr(_as_time(t))
 
     def t_from_log_snr(self, lam):
         """Exact inverse of ``log_snr``; lambda outside [lambda(1), lambda(0)] maps to the ends."""
-        lam = _as_float(lam)
-        lam = jnp.clip(lam, self._log_snr(_as_float(1.0)), self._log_snr(_as_float(0.0)))
+        lam = _as_time(lam)
+        one = jnp.ones((), lam.dtype)
+        lam = jnp.clip(lam, self._log_snr(one), self._log_snr(0.0 * one))
         return self._t_from_log_snr(lam)
+
+    def d_alpha_sigma(self, t):
+        """(d alpha/dt, d sigma/dt), by forward-mode differentiation of the primitives."""
+        t = _as_time(t)
+        ones = jnp.ones_like(t)
+        d_alpha = jax.jvp(self._alpha, (t,), (ones,))[1]
+        d_sigma = jax.jvp(self._sigma, (t,), (ones,))[1]
+        return d_alpha, d_sigma
 
     def f(self, t):
         """Drift coefficient f(t) = d log(alpha)/dt of dx = f x dt + g dw."""
-        _check_time(t)
-        return self._f(_as_float(t))
+        return self._f(_as_time(t))
 
     def g2(self, t):
         """Squared diffusion g(t)^2 = d sigma^2/dt - 2 f sigma^2 of dx = f x dt + g dw."""
-        _check_time(t)
-        return self._g2(_as_float(t))
+        return self._g2(_as_time(t))
 
     def g(self, t):
         """Diffusion coefficient g(t)."""
@@ -170,8 +178,7 @@ class Schedule(eqx.Module):
     # ---- Gaussian kernels -------------------------------------------------------------------
     def marginal(self, x0, t, noise):
         """Sample q(x_t | x_0): x_t = alpha(t) x_0 + sigma(t) noise (Ho et al. 2020 eq. 4)."""
-        _check_time(t)
-        t = broadcast_time(_as_float(t), x0)
+        t = broadcast_time(_as_time(t), x0)
         return self._alpha(t) * x0 + self._sigma(t) * noise
 
     def transition(self, s, t):
@@ -180,9 +187,7 @@ class Schedule(eqx.Module):
         sigma2_ts = sigma_t^2 (1 - SNR_t / SNR_s) = -sigma_t^2 expm1(2 (lambda_t - lambda_s)),
         the cancellation-free form of sigma_t^2 - alpha_ts^2 sigma_s^2 (VDM eq. 29-30).
         """
-        _check_time(s, "s")
-        _check_time(t)
-        s, t = _as_float(s), _as_float(t)
+        s, t = _as_time(s), _as_time(t)
         alpha_ts = jnp.exp(self._log_alpha(t) - self._log_alpha(s))
         sigma2_ts = -self._sigma2(t) * jnp.expm1(2.0 * (self._log_snr(t) - self._log_snr(s)))
         return alpha_ts, sigma2_ts
@@ -194,9 +199,7 @@ class Schedule(eqx.Module):
         c_xt = alpha_ts sigma_s^2 / sigma_t^2, c_x0 = alpha_s sigma2_ts / sigma_t^2,
         var = sigma2_ts sigma_s^2 / sigma_t^2, with 1 - SNR_t/SNR_s = -expm1(2 (lambda_t - lambda_s)).
         """
-        _check_time(s, "s")
-        _check_time(t)
-        s, t = _as_float(s), _as_float(t)
+        s, t = _as_time(s), _as_time(t)
         one_minus_snr_ratio = -jnp.expm1(2.0 * (self._log_snr(t) - self._log_snr(s)))
         sigma2_s = self._sigma2(s)
         c_xt = jnp.exp(

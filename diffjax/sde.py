@@ -11,6 +11,8 @@ that form because it stays finite on (0, 1] for every schedule, including alpha(
 
 from __future__ import annotations
 
+from typing import Callable
+
 import diffrax
 import equinox as eqx
 import jax.numpy as jnp
@@ -18,19 +20,20 @@ import jax.numpy as jnp
 from diffjax.parameterization import Denoised
 from diffjax.schedules import Schedule, broadcast_time
 
-__all__ = ["pf_ode_drift", "reverse_sde_drift", "forward_sde_terms", "DiagonalNoiseTerm"]
+__all__ = ["pf_ode_drift", "reverse_sde_drift", "forward_sde_terms", "reverse_sde_terms", "pf_ode_term",
+           "DiagonalNoiseTerm"]
 
 
 def pf_ode_drift(schedule: Schedule, denoised: Denoised, x, t):
     """Probability-flow ODE drift f x - g^2 score / 2 = alpha' x0 + sigma' eps (Song eq. 13)."""
-    d_alpha, d_sigma = schedule._d_alpha_sigma(broadcast_time(t, x))
+    d_alpha, d_sigma = schedule.d_alpha_sigma(broadcast_time(t, x))
     return d_alpha * denoised.x0 + d_sigma * denoised.eps
 
 
 def reverse_sde_drift(schedule: Schedule, denoised: Denoised, x, t):
     """Reverse-time SDE drift f x - g^2 score = f x + g^2 eps / sigma (Song et al. 2021 eq. 6)."""
     t = broadcast_time(t, x)
-    return schedule._f(t) * x + schedule._g2(t) / schedule._sigma(t) * denoised.eps
+    return schedule.f(t) * x + schedule.g2(t) / schedule.sigma(t) * denoised.eps
 
 
 class DiagonalNoiseTerm(diffrax.AbstractTerm):
@@ -49,8 +52,22 @@ class DiagonalNoiseTerm(diffrax.AbstractTerm):
         return vf * control
 
 
+def _diffusion_term(schedule: Schedule, path: diffrax.AbstractBrownianPath):
+    return DiagonalNoiseTerm(lambda t, y, args: jnp.sqrt(schedule.g2(t)), path)
+
+
 def forward_sde_terms(schedule: Schedule, path: diffrax.AbstractBrownianPath):
     """diffrax terms of the forward SDE dx = f x dt + g dw."""
-    drift = diffrax.ODETerm(lambda t, y, args: schedule._f(t) * y)
-    noise = DiagonalNoiseTerm(lambda t, y, args: jnp.sqrt(schedule._g2(t)), path)
-    return diffrax.MultiTerm(drift, noise)
+    drift = diffrax.ODETerm(lambda t, y, args: schedule.f(t) * y)
+    return diffrax.MultiTerm(drift, _diffusion_term(schedule, path))
+
+
+def pf_ode_term(denoiser: Callable, schedule: Schedule):
+    """diffrax term of the PF-ODE dx/dt = f x - g^2 score / 2 over a denoiser (cond in ``args``)."""
+    return diffrax.ODETerm(lambda t, y, args: pf_ode_drift(schedule, denoiser(y, t, args), y, t))
+
+
+def reverse_sde_terms(denoiser: Callable, schedule: Schedule, path: diffrax.AbstractBrownianPath):
+    """diffrax terms of the reverse SDE dx = [f x - g^2 score] dt + g dw_bar (Song et al. eq. 6)."""
+    drift = diffrax.ODETerm(lambda t, y, args: reverse_sde_drift(schedule, denoiser(y, t, args), y, t))
+    return diffrax.MultiTerm(drift, _diffusion_term(schedule, path))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.schedules import DiscreteDDPM, Schedule, _check_time, _is_concrete
+from diffjax.schedules import DiscreteDDPM, Schedule, _is_concrete, check_time
 
 __all__ = ["GRIDS", "time_uniform", "time_quadratic", "logsnr_uniform", "discrete_subsequence",
            "make_grid", "check_grid"]
@@ -99,7 +99,7 @@ def check_grid(ts, increasing: bool = False):
     """Validate a 1-D grid in [0, 1] that is strictly decreasing (or increasing)."""
     if ts.ndim != 1 or ts.shape[0] < 2:
         raise ValueError(f"time grid must be 1-D with at least 2 times; got shape {ts.shape}")
-    _check_time(ts, "time grid")
+    check_time(ts, "time grid")
     if _is_concrete(ts):
         d = np.diff(np.asarray(ts))
         if not (np.all(d > 0) if increasing else np.all(d < 0)):

@@ -175,6 +175,9 @@ def test_ddpm_vlb_discretized_decoder():
         (lambda: log_likelihood(MODEL["vp"], SCHEDULES["vp"], jnp.ones((4, D)), t_eps=0.0), "t_eps"),
         (lambda: log_likelihood(MODEL["vp"], SCHEDULES["vp"], jnp.ones((4, D)), error_control="max"), "error_control"),
         (lambda: log_likelihood(MODEL["vp"], SCHEDULES["vp"], jnp.ones((4, D)), coordinates="sigma"), "coordinates"),
+        (lambda: log_likelihood(MODEL["vp"], SCHEDULES["vp"], jnp.ones((4, D)).at[1, 2].set(jnp.nan)), "x must be finite"),
+        (lambda: log_likelihood(MODEL["vp"], SCHEDULES["vp"], jnp.full((4, D), jnp.inf)), "x must be finite"),
+        (lambda: log_likelihood(MODEL["vp"], SCHEDULES["vp"], jnp.ones((4, D)), t_end=1.5), "t_end"),
         (lambda: bits_per_dim(MODEL["vp"], SCHEDULES["vp"], jnp.full((2, D), 256), key=jax.random.PRNGKey(0)), r"\[0, 255\]"),
         (lambda: bits_per_dim(MODEL["vp"], SCHEDULES["vp"], jnp.full((2, D), -1), key=jax.random.PRNGKey(0)), r"\[0, 255\]"),
         (lambda: ddpm_vlb(MODEL["vp"], SCHEDULES["vp"], jnp.ones((2, D)), key=jax.random.PRNGKey(0)), "DiscreteDDPM"),
@@ -184,3 +187,19 @@ def test_ddpm_vlb_discretized_decoder():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_top_level_log_likelihood_takes_a_denoiser():
+    """``diffjax.log_likelihood`` is the same function; a Denoiser brings its schedule and prediction
+    type (the v-model's density equals the eps-model's), and a mismatched one is refused."""
+    assert diffjax.log_likelihood is log_likelihood
+    s = SCHEDULES["vp"]
+    x = _points(s, n=4)
+    ref = log_likelihood(MODEL["vp"], s, x)
+    den = diffjax.make_denoiser(GMM.model_fn(s, "v"), s, "v")
+    r = diffjax.log_likelihood(den, None, x)
+    chex.assert_trees_all_close(r.logp, ref.logp, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="prediction"):
+        diffjax.log_likelihood(den, s, x, prediction="eps")
+    with pytest.raises(ValueError, match="schedule"):
+        diffjax.log_likelihood(den, SCHEDULES["ve"], x)

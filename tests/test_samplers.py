@@ -9,8 +9,8 @@ import pytest
 import diffjax
 from diffjax.metrics import sliced_wasserstein
 from diffjax.parameterization import make_denoiser
-from diffjax.samplers import (ddim, ddim_invert, ddim_step, ddpm_step, dpm_solver,
-                              extrapolate_x0, slerp)
+from diffjax.samplers import ddim, ddim_invert, ddim_step, dpm_solver, extrapolate_x0, slerp
+from diffjax.samplers.dpm_solver import DPMSolver, DPMSolverPPMultistep, denoiser_term
 from diffjax.testing.gmm import random_mixture, ring_mixture
 from diffjax.timesteps import discrete_subsequence, logsnr_uniform, time_uniform
 
@@ -29,21 +29,42 @@ def test_ddim_eta0_equals_dpm_solver_1(schedule):
     den = make_denoiser(RING.model_fn(schedule, "eps"), schedule, "eps")
     x_T = schedule.prior_sample(KEY, (256, 2))
     ts = time_uniform(schedule.t_max, schedule.t_min if schedule.t_min > 0 else 1e-3, 25)
-    a = jax.jit(lambda x: ddim(den, schedule, x, ts))(x_T)
-    b = jax.jit(lambda x: dpm_solver(den, schedule, x, ts, order=1))(x_T)
+    a = jax.jit(lambda x: ddim(den, schedule, x, ts)[0])(x_T)
+    b = jax.jit(lambda x: dpm_solver(den, schedule, x, ts, order=1)[0])(x_T)
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(a))))
 
 
+@pytest.mark.parametrize("schedule", [diffjax.VPLinear(), diffjax.VE(), diffjax.DiscreteDDPM.linear()],
+                         ids=["vp", "ve", "ddpm"])
+def test_ddim_eta0_step_equals_dpm_solver_1_step_equals_exponential_integrator(schedule):
+    """One step s -> t: DDIM (eta = 0) == DPM-Solver-1's diffrax step == the exponential integrator
+    of the PF-ODE, x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps_s (Lu et al. 2022 eq. 3.7)."""
+    den = make_denoiser(RING.model_fn(schedule, "eps"), schedule, "eps")
+    x = jax.random.normal(KEY, (64, 2)) * schedule.sigma(0.6)
+    term = denoiser_term(den, schedule)
+    for s, t in ((0.6, 0.5), (0.3, 0.05), (0.9, 0.2)):
+        d = den(x, s)
+        lam_s, lam_t = schedule.log_snr(s), schedule.log_snr(t)
+        ddim_x = ddim_step(schedule, d, t, s)
+        dpm1_x = DPMSolver(schedule, 1).step(term, lam_s, lam_t, x, None, None, False)[0]
+        exp_x = (jnp.exp(schedule.log_alpha(t) - schedule.log_alpha(s)) * x
+                 - schedule.sigma(t) * jnp.expm1(lam_t - lam_s) * d.eps)
+        scale = 1e-5 * max(1.0, float(jnp.max(jnp.abs(exp_x))))
+        chex.assert_trees_all_close(ddim_x, exp_x, rtol=1e-5, atol=scale)
+        chex.assert_trees_all_close(dpm1_x, exp_x, rtol=1e-5, atol=scale)
+
+
 def test_ddim_eta1_step_equals_ddpm_step():
+    """DDIM with eta = 1 is Ho et al.'s ancestral step: x_s ~ q(x_s | x_t, x0_hat) (eq. 6-7), same noise."""
     for schedule in (diffjax.DiscreteDDPM.linear(), diffjax.VPLinear(), diffjax.VE()):
         k1, k2, k3 = jax.random.split(KEY, 3)
         x = jax.random.normal(k1, (64, 2)) * schedule.sigma(0.6)
         noise = jax.random.normal(k2, (64, 2))
-        d = RING.denoise(x, schedule, 0.6)
         for s, t in ((0.5, 0.6), (0.0, 0.3), (0.299, 0.3)):
             d = RING.denoise(x, schedule, t)
             a = ddim_step(schedule, d, s, t, noise, eta=1.0)
-            b = ddpm_step(schedule, d, x, s, t, noise)
+            c_xt, c_x0, var = schedule.posterior(s, t)
+            b = c_xt * x + c_x0 * d.x0 + jnp.sqrt(var) * noise
             chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-5 * float(schedule.sigma(t)))
 
 
@@ -53,7 +74,7 @@ def test_ddpm_full_chain_is_ho_algorithm_2():
     den = make_denoiser(RING.model_fn(sched, "eps"), sched, "eps")
     ts = discrete_subsequence(sched, 100)
     x = sched.prior_sample(KEY, (8, 2))
-    out = jax.jit(lambda x: diffjax.samplers.ddpm(den, sched, x, ts, KEY))(x)
+    out = jax.jit(lambda x: diffjax.samplers.ddpm(den, sched, x, ts, KEY)[0])(x)
     # manual Ho Alg. 2 with tabulated coefficients and the same noise draws
     b = np.asarray(sched.betas, np.float64)
     abar = np.cumprod(1 - b)
@@ -73,8 +94,8 @@ def test_ddim_inversion_reconstructs():
     g = random_mixture(jax.random.PRNGKey(4), dim=4, num_components=3, std_range=(0.5, 1.0))
     den = make_denoiser(g.model_fn(VP, "eps"), VP, "eps")
     x0, _ = g.sample(KEY, 64)
-    invert = jax.jit(lambda x, ts, k: ddim_invert(den, VP, x, ts, fixed_point_iters=k), static_argnums=2)
-    sample = jax.jit(lambda z, ts: ddim(den, VP, z, ts[::-1]))
+    invert = jax.jit(lambda x, ts, k: ddim_invert(den, VP, x, ts, fixed_point_iters=k)[0], static_argnums=2)
+    sample = jax.jit(lambda z, ts: ddim(den, VP, z, ts[::-1])[0])
 
     def rel_error(n, iters):
         ts_up = jnp.linspace(1e-3, 1.0, n + 1)
@@ -126,12 +147,10 @@ def test_convergence_orders(method, expected):
 
 def test_dpm_solver_pp_multistep_local_orders():
     """One DPM-Solver++ step fed the exact history: local error O(h^3) for 2M, O(h^4) for 3M."""
-    from diffjax.samplers.dpm_solver import DPMSolverPPMultistep, prediction_term
-
     with jax.enable_x64(True):
         s = diffjax.VPLinear()
         g = random_mixture(jax.random.PRNGKey(7), dim=3, num_components=3, std_range=(0.3, 0.6))
-        term = prediction_term(make_denoiser(g.model_fn(s, "eps"), s, "eps"), s, "x0")
+        term = denoiser_term(make_denoiser(g.model_fn(s, "eps"), s, "eps"), s)
         x_T = s.prior_sample(KEY, (16, 3), jnp.float64)
         lam0 = float(s.log_snr(0.3))
         hs = [0.2, 0.1, 0.05]
@@ -149,7 +168,7 @@ def test_dpm_solver_pp_multistep_local_orders():
             errs = []
             for h in hs:
                 l2, l1, l0, lt = (lam0 + k * h for k in (-2, -1, 0, 1))
-                m1, m2 = term.vf(l1, exact[l1], None), term.vf(l2, exact[l2], None)
+                m1, m2 = term.vf(l1, exact[l1], None).x0, term.vf(l2, exact[l2], None).x0
                 state = (m1, m2, jnp.asarray(h), jnp.asarray(h), jnp.array(2))
                 y = DPMSolverPPMultistep(s, order).step(term, l0, lt, exact[l0], None, state, False)[0]
                 errs.append(float(jnp.sqrt(jnp.mean((y - exact[lt]) ** 2))))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import diffjax
+from diffjax.schedules import check_time
 from diffjax.sde import forward_sde_terms
 
 T_INTERIOR = jnp.array([1e-4, 1e-3, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99])
@@ -175,11 +176,22 @@ def test_pytree_jit_vmap():
         (lambda: diffjax.SubVP(beta_min=-1.0, beta_max=0.1), "beta_min"),
         (lambda: diffjax.VE(sigma_min=50.0, sigma_max=0.01), "sigma_min"),
         (lambda: diffjax.VE(sigma_min=1.0, sigma_max=1.0), "sigma_min"),
-        (lambda: diffjax.VPLinear().alpha(1.5), "t"),
-        (lambda: diffjax.VE().sigma(jnp.array([-0.1, 0.5])), "t"),
-        (lambda: diffjax.VPCosine().marginal(jnp.ones((2, 2)), 2.0, jnp.ones((2, 2))), "t"),
+        (lambda: check_time(1.5), "t"),
+        (lambda: check_time(jnp.array([-0.1, 0.5]), "t_start"), "t_start"),
+        (lambda: check_time(np.array([0.5, 2.0]), "time grid"), "time grid"),
     ],
 )
 def test_bad_arguments(make, field):
     with pytest.raises(ValueError, match=field):
         make()
+
+
+def test_public_methods_are_jit_cheap():
+    """Public schedule methods stage no host-side work: under jit they trace to the same program as
+    the primitives (the checks live in ``check_time``, run by the entry points)."""
+    s = diffjax.VPLinear()
+    public = jax.make_jaxpr(lambda t: (s.alpha(t), s.sigma(t), s.log_snr(t), s.f(t), s.g2(t)))(jnp.float32(0.5))
+    private = jax.make_jaxpr(lambda t: (s._alpha(t), s._sigma(t), s._log_snr(t), s._f(t), s._g2(t)))(jnp.float32(0.5))
+    assert str(public) == str(private)
+    t = jnp.linspace(0.0, 1.0, 5)
+    assert check_time(t) is t

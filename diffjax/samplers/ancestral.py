@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -17,37 +19,38 @@ from diffjax.parameterization import Denoised
 from diffjax.schedules import Schedule
 from diffjax.timesteps import check_grid
 
-__all__ = ["ddpm_step", "ddim_step", "ddpm", "ddim", "ddim_invert", "slerp"]
+__all__ = ["ddim_step", "ddpm", "ddim", "ddim_invert", "slerp", "scan_grid", "nfe_stats"]
 
 
-def ddpm_step(schedule: Schedule, denoised: Denoised, x, s, t, noise, variance: str = "posterior"):
-    """Ancestral step x_t -> x_s ~ N(c_xt x_t + c_x0 x0_hat, var) (Ho et al. 2020 Alg. 2, eq. 6-7).
-
-    ``variance="posterior"`` uses beta_tilde (the re-derived posterior variance),
-    ``"large"`` the forward transition variance beta (Ho et al. sec. 3.2; zero on the step to t=0).
-    """
-    c_xt, c_x0, var = schedule.posterior(s, t)
-    if variance == "large":
-        var = jnp.where(s > 0, schedule.transition(s, t)[1], 0.0)
-    elif variance != "posterior":
-        raise ValueError(f"variance must be 'posterior' or 'large'; got {variance!r}")
-    return c_xt * x + c_x0 * denoised.x0 + jnp.sqrt(var) * noise
-
-
-def ddim_step(schedule: Schedule, denoised: Denoised, s, t, noise, eta=0.0):
+def ddim_step(schedule: Schedule, denoised: Denoised, s, t, noise=None, eta=0.0, noise_var=None):
     """Generalized DDIM step x_t -> x_s (Song et al. 2021 eq. 12, sigma_t(eta) of eq. 16).
 
-    x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z, with c^2 = eta^2 beta_tilde(s, t);
-    eta = 0 is deterministic, eta = 1 is the DDPM ancestral step.
+    x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + sqrt(v) z with c^2 = eta^2 beta_tilde(s, t)
+    and v = c^2 unless ``noise_var`` is given. The one first-order update of the library:
+    eta = 0 is DDIM = DPM-Solver-1 = the exponential-integrator step of the PF-ODE (Lu et al.
+    2022 eq. 3.7); eta = 1 is the DDPM ancestral step (Ho et al. 2020 Alg. 2, the posterior
+    q(x_s | x_t, x0_hat) of eq. 6-7); eta = 1 with ``noise_var`` = beta(s, t) is DDPM's "large"
+    variance (sec. 3.2). ``noise`` may be None when the step adds none.
     """
-    var = schedule.posterior(s, t)[2]
-    c2 = eta**2 * var
-    alpha_s, sigma2_s = schedule._alpha(s), schedule._sigma2(s)
+    deterministic = noise_var is None and _is_zero(eta)
+    c2 = 0.0 if deterministic else eta**2 * schedule.posterior(s, t)[2]
+    alpha_s, sigma2_s = schedule.alpha(s), schedule.sigma2(s)
     direction = jnp.sqrt(jnp.maximum(sigma2_s - c2, 0.0))
-    return alpha_s * denoised.x0 + direction * denoised.eps + jnp.sqrt(c2) * noise
+    x_s = alpha_s * denoised.x0 + direction * denoised.eps
+    if deterministic:
+        return x_s
+    return x_s + jnp.sqrt(c2 if noise_var is None else noise_var) * noise
 
 
-def _scan_grid(step, x_T, ts, key):
+def _is_zero(eta) -> bool:
+    return isinstance(eta, numbers.Number) and eta == 0
+
+
+def scan_grid(step, x_T, ts, key, evals_per_step: int):
+    """Run ``step(x, t, s, key) -> x`` over the intervals (t, s) of the grid ``ts`` with ``lax.scan``.
+
+    Returns (x, stats) with stats["nfe"] = intervals x ``evals_per_step``.
+    """
     n = ts.shape[0] - 1
     keys = jax.random.split(key, n) if key is not None else jnp.zeros((n, 2), jnp.uint32)
 
@@ -56,30 +59,42 @@ def _scan_grid(step, x_T, ts, key):
         return step(x, t, s, k), None
 
     x, _ = jax.lax.scan(body, x_T, (ts[:-1], ts[1:], keys))
-    return x
+    return x, nfe_stats(n, evals_per_step)
 
 
-def ddpm(denoiser: Callable, schedule: Schedule, x_T, ts, key, cond=None,
-         variance: str = "posterior"):
-    """DDPM ancestral sampling along the decreasing grid ``ts`` (Ho et al. 2020 Alg. 2)."""
-
-    def step(x, t, s, k):
-        noise = jax.random.normal(k, x.shape, x.dtype)
-        return ddpm_step(schedule, denoiser(x, t, cond), x, s, t, noise, variance)
-
-    return _scan_grid(step, x_T, ts, key)
+def nfe_stats(num_steps, evals_per_step, at_init=0):
+    """The stats of a sampler: model evaluations = at_init + num_steps x evals_per_step."""
+    return {"nfe": jnp.asarray(at_init + evals_per_step * num_steps)}
 
 
 def ddim(denoiser: Callable, schedule: Schedule, x_T, ts, key=None, cond=None, eta=0.0):
-    """DDIM sampling along the decreasing grid ``ts`` (Song et al. 2021 Alg. eq. 12)."""
-    if key is None and not (isinstance(eta, (int, float)) and eta == 0):
+    """DDIM sampling along the decreasing grid ``ts`` (Song et al. 2021 eq. 12); returns (x, stats)."""
+    stochastic = not _is_zero(eta)
+    if stochastic and key is None:
         raise ValueError("ddim with eta != 0 needs a PRNG key")
 
     def step(x, t, s, k):
-        noise = jnp.zeros_like(x) if key is None else jax.random.normal(k, x.shape, x.dtype)
+        noise = jax.random.normal(k, x.shape, x.dtype) if stochastic else None
         return ddim_step(schedule, denoiser(x, t, cond), s, t, noise, eta)
 
-    return _scan_grid(step, x_T, ts, key)
+    return scan_grid(step, x_T, ts, key if stochastic else None, 1)
+
+
+def ddpm(denoiser: Callable, schedule: Schedule, x_T, ts, key, cond=None, variance: str = "posterior"):
+    """DDPM ancestral sampling along the decreasing grid ``ts`` (Ho et al. 2020 Alg. 2): the DDIM
+    step with eta = 1, and with ``variance="large"`` the forward variance beta (zero on the step to
+    t = 0); returns (x, stats)."""
+    if variance not in ("posterior", "large"):
+        raise ValueError(f"variance must be 'posterior' or 'large'; got {variance!r}")
+    if key is None:
+        raise ValueError("ddpm is stochastic and needs a PRNG key")
+
+    def step(x, t, s, k):
+        noise = jax.random.normal(k, x.shape, x.dtype)
+        noise_var = jnp.where(s > 0, schedule.transition(s, t)[1], 0.0) if variance == "large" else None
+        return ddim_step(schedule, denoiser(x, t, cond), s, t, noise, 1.0, noise_var)
+
+    return scan_grid(step, x_T, ts, key, 1)
 
 
 def ddim_invert(denoiser: Callable, schedule: Schedule, x0, ts, cond=None,
@@ -98,10 +113,9 @@ def ddim_invert(denoiser: Callable, schedule: Schedule, x0, ts, cond=None,
     check_grid(ts, increasing=True)
 
     def step(x_s, s, t, k):
-        d = denoiser(x_s, s, cond)
-        x_t = schedule._alpha(t) * d.x0 + schedule._sigma(t) * d.eps
-        a_s, a_t = schedule._alpha(s), schedule._alpha(t)
-        c_eps = schedule._sigma(s) - a_s * schedule._sigma(t) / a_t
+        x_t = ddim_step(schedule, denoiser(x_s, s, cond), t, s)
+        a_s, a_t = schedule.alpha(s), schedule.alpha(t)
+        c_eps = schedule.sigma(s) - a_s * schedule.sigma(t) / a_t
 
         def refine(x_t, _):
             return (a_t / a_s) * (x_s - c_eps * denoiser(x_t, t, cond).eps), None
@@ -109,7 +123,7 @@ def ddim_invert(denoiser: Callable, schedule: Schedule, x0, ts, cond=None,
         x_t, _ = jax.lax.scan(refine, x_t, None, length=fixed_point_iters)
         return x_t
 
-    return _scan_grid(step, x0, ts, None)
+    return scan_grid(step, x0, ts, None, 1 + fixed_point_iters)
 
 
 def slerp(z0, z1, w):

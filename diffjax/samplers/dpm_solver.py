@@ -5,7 +5,7 @@ The exponential integrators of Lu et al. 2022 ("DPM-Solver", Alg. 1-2, eq. 3.3) 
 lambda = log(alpha / sigma): the diffrax "time" of these solvers is lambda (increasing as t
 decreases), and the term's vector field is the model's eps (DPM-Solver) or x0 (DPM-Solver++)
 prediction at t(lambda). Step size h = lambda_t - lambda_s. A multistep history lives in diffrax's
-``solver_state``.
+``solver_state``. Every first-order (sub)step is ``ddim_step`` (DPM-Solver-1 == DDIM, eta = 0).
 """
 
 from __future__ import annotations
@@ -16,26 +16,42 @@ import diffrax
 import equinox as eqx
 import jax.numpy as jnp
 
+from diffjax.samplers.ancestral import ddim_step, nfe_stats
 from diffjax.schedules import Schedule
 
-__all__ = ["DPMSolver", "DPMSolverPPMultistep", "dpm_solver", "extrapolate_x0", "prediction_term"]
+__all__ = ["DPMSolver", "DPMSolverPPMultistep", "dpm_solver", "extrapolate_x0", "denoiser_term"]
 
 _RESULTS = diffrax.RESULTS
 
 
-def prediction_term(denoiser: Callable, schedule: Schedule, kind: str):
-    """A diffrax term over lambda whose vector field is the model's eps or x0 at t(lambda)."""
+class _DenoiserTerm(diffrax.AbstractTerm):
+    """A term over lambda whose ``vf`` is the ``Denoised`` (x0, eps) at t(lambda), cond in ``args``.
 
-    def vf(lam, y, args):
-        d = denoiser(y, schedule.t_from_log_snr(lam), args)
-        return d.eps if kind == "eps" else d.x0
+    Only the exponential-integrator solvers below read it: their steps combine x0 / eps with
+    schedule coefficients themselves, so the term has no vector-field-times-control product.
+    """
 
-    return diffrax.ODETerm(vf)
+    denoiser: Callable
+    schedule: Schedule
+
+    def vf(self, t, y, args):
+        return self.denoiser(y, self.schedule.t_from_log_snr(t), args)
+
+    def contr(self, t0, t1, **kwargs):
+        return t1 - t0
+
+    def prod(self, vf, control):
+        raise TypeError("a denoiser term is read by DPMSolver / DPMSolverPPMultistep only")
 
 
-def _coeffs(schedule: Schedule, lam):
-    t = schedule.t_from_log_snr(lam)
-    return schedule._log_alpha(t), schedule._sigma(t), schedule._alpha(t)
+def denoiser_term(denoiser: Callable, schedule: Schedule) -> diffrax.AbstractTerm:
+    """A diffrax term over lambda whose vector field is the ``Denoised`` (x0, eps) at t(lambda)."""
+    return _DenoiserTerm(denoiser, schedule)
+
+
+def _first_order(schedule, denoised, lam_s, lam_t):
+    """The DDIM / DPM-Solver-1 step from lambda_s to lambda_t (Lu et al. 2022 eq. 3.7)."""
+    return ddim_step(schedule, denoised, schedule.t_from_log_snr(lam_t), schedule.t_from_log_snr(lam_s))
 
 
 class _LambdaSolver(diffrax.AbstractSolver):
@@ -71,45 +87,34 @@ class DPMSolver(_LambdaSolver):
     def init(self, terms, t0, t1, y0, args):
         return None
 
-    def _first_order(self, x, eps, lam_s, lam_t):
-        # x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps_s   (DPM-Solver eq. 3.7 / DDIM)
-        la_s, sig_s, _ = _coeffs(self.schedule, lam_s)
-        la_t, sig_t, _ = _coeffs(self.schedule, lam_t)
-        return jnp.exp(la_t - la_s) * x - sig_t * jnp.expm1(lam_t - lam_s) * eps
-
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         sched = self.schedule
         lam_s, lam_t = t0, t1
         h = lam_t - lam_s
         x = y0
-        eps_s = terms.vf(lam_s, x, args)
+        d_s = terms.vf(lam_s, x, args)
+        x_t_1 = _first_order(sched, d_s, lam_s, lam_t)
         if self.solver_order == 1:
-            return self._done(y0, self._first_order(x, eps_s, lam_s, lam_t), solver_state)
+            return self._done(y0, x_t_1, solver_state)
 
-        la_s, _, _ = _coeffs(sched, lam_s)
-        la_t, sig_t, _ = _coeffs(sched, lam_t)
+        sig_t = sched.sigma(sched.t_from_log_snr(lam_t))
         phi_1 = jnp.expm1(h)  # e^h - 1
-        x_t_1 = jnp.exp(la_t - la_s) * x - sig_t * phi_1 * eps_s
         if self.solver_order == 2:
             r1 = 0.5
             lam_1 = lam_s + r1 * h
-            u = self._first_order(x, eps_s, lam_s, lam_1)
-            d1 = terms.vf(lam_1, u, args) - eps_s
+            u = _first_order(sched, d_s, lam_s, lam_1)
+            d1 = terms.vf(lam_1, u, args).eps - d_s.eps
             # DPM-Solver-2 (Alg. 1): - sigma_t / (2 r1) (e^h - 1) D1
             return self._done(y0, x_t_1 - sig_t / (2 * r1) * phi_1 * d1, solver_state)
 
         r1, r2 = 1.0 / 3.0, 2.0 / 3.0
         lam_1, lam_2 = lam_s + r1 * h, lam_s + r2 * h
-        u1 = self._first_order(x, eps_s, lam_s, lam_1)
-        d1 = terms.vf(lam_1, u1, args) - eps_s
-        la_2, sig_2, _ = _coeffs(sched, lam_2)
+        u1 = _first_order(sched, d_s, lam_s, lam_1)
+        d1 = terms.vf(lam_1, u1, args).eps - d_s.eps
+        sig_2 = sched.sigma(sched.t_from_log_snr(lam_2))
         phi_12 = jnp.expm1(r2 * h)
-        u2 = (
-            jnp.exp(la_2 - la_s) * x
-            - sig_2 * phi_12 * eps_s
-            - sig_2 * (r2 / r1) * (phi_12 / (r2 * h) - 1.0) * d1
-        )
-        d2 = terms.vf(lam_2, u2, args) - eps_s
+        u2 = _first_order(sched, d_s, lam_s, lam_2) - sig_2 * (r2 / r1) * (phi_12 / (r2 * h) - 1.0) * d1
+        d2 = terms.vf(lam_2, u2, args).eps - d_s.eps
         # DPM-Solver-3 (Alg. 2): - sigma_t / r2 ((e^h - 1)/h - 1) D2
         return self._done(y0, x_t_1 - sig_t / r2 * (phi_1 / h - 1.0) * d2, solver_state)
 
@@ -140,12 +145,12 @@ class DPMSolverPPMultistep(_LambdaSolver):
         lam_s, lam_t = t0, t1
         h = lam_t - lam_s
         m1, m2, h1, h2, count = solver_state  # x0 at the previous two steps, their step sizes
-        m0 = terms.vf(lam_s, y0, args)
-        _, sig_s, _ = _coeffs(self.schedule, lam_s)
-        _, sig_t, alpha_t = _coeffs(self.schedule, lam_t)
+        d_s = terms.vf(lam_s, y0, args)
+        m0 = d_s.x0
+        alpha_t = self.schedule.alpha(self.schedule.t_from_log_snr(lam_t))
         phi_1 = jnp.expm1(-h)  # e^{-h} - 1
         # first order: x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x0_s   (DDIM)
-        base = (sig_t / sig_s) * y0 - alpha_t * phi_1 * m0
+        base = _first_order(self.schedule, d_s, lam_s, lam_t)
         r0 = jnp.where(count >= 1, h1 / h, 1.0)
         d1_0 = (m0 - m1) / r0
         # 2M: D = x0_s + 1/(2 r0) (x0_s - x0_prev)   (Alg. 2)
@@ -179,27 +184,23 @@ def extrapolate_x0(x0_last, x0_prev, h):
     return x0_last + (x0_last - x0_prev) / jnp.expm1(2.0 * h)
 
 
-def dpm_solver(denoiser: Callable, schedule: Schedule, x_T, ts, cond=None, order: int = 2,
-               multistep: bool = False, return_history: bool = False):
+def dpm_solver(denoiser: Callable, schedule: Schedule, x_T, ts, key=None, cond=None, *, order: int = 2,
+               multistep: bool = False):
     """Run DPM-Solver-``order`` (or DPM-Solver++(``order``M) if ``multistep``) on the grid ``ts``.
 
-    All times must have finite log-SNR; the caller handles a final step to sigma = 0.
-    ``return_history`` (multistep only): also return (x0 prediction at ts[-2], lambda(ts[-1]) -
-    lambda(ts[-2])), what ``extrapolate_x0`` needs besides the prediction at ts[-1].
+    All times must have finite log-SNR; the caller handles a final step to sigma = 0. ``key`` is
+    unused (the solvers are deterministic). Returns (x, stats); multistep stats also hold
+    ``"history"`` = (x0 prediction at ts[-2], lambda(ts[-1]) - lambda(ts[-2])), what
+    ``extrapolate_x0`` needs besides the prediction at ts[-1].
     """
-    lams = schedule._log_snr(ts)
-    if multistep:
-        solver = DPMSolverPPMultistep(schedule, order)
-        term = prediction_term(denoiser, schedule, "x0")
-    else:
-        if return_history:
-            raise ValueError("return_history needs multistep=True (singlestep solvers keep no history)")
-        solver, term = DPMSolver(schedule, order), prediction_term(denoiser, schedule, "eps")
-    sol = diffrax.diffeqsolve(term, solver, t0=lams[0], t1=lams[-1], dt0=None, y0=x_T, args=cond,
-                              stepsize_controller=diffrax.StepTo(lams),
-                              saveat=diffrax.SaveAt(t1=True, solver_state=return_history),
+    lams = schedule.log_snr(ts)
+    solver = DPMSolverPPMultistep(schedule, order) if multistep else DPMSolver(schedule, order)
+    sol = diffrax.diffeqsolve(denoiser_term(denoiser, schedule), solver, t0=lams[0], t1=lams[-1], dt0=None,
+                              y0=x_T, args=cond, stepsize_controller=diffrax.StepTo(lams),
+                              saveat=diffrax.SaveAt(t1=True, solver_state=multistep),
                               max_steps=ts.shape[0] - 1)
-    if return_history:
+    stats = nfe_stats(sol.stats["num_steps"], 1 if multistep else order)
+    if multistep:
         x0_prev, _, h_last, _, _ = sol.solver_state
-        return sol.ys[0], (x0_prev, h_last)
-    return sol.ys[0]
+        stats["history"] = (x0_prev, h_last)
+    return sol.ys[0], stats

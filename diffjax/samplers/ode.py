@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Callable
 
 import diffrax
-import jax.numpy as jnp
 
+from diffjax.samplers.ancestral import nfe_stats
 from diffjax.schedules import Schedule
-from diffjax.sde import pf_ode_drift
+from diffjax.sde import pf_ode_term
 
-__all__ = ["ODE_SOLVERS", "pf_ode"]
+__all__ = ["ODE_SOLVERS", "pf_ode", "is_adaptive"]
 
 # name -> (solver class, model evaluations per step, evaluations at init)
 # Tsit5 / Dopri5 are FSAL: 6 new stages per step after the first evaluation.
@@ -22,24 +22,28 @@ ODE_SOLVERS = {
 }
 
 
-def pf_ode(denoiser: Callable, schedule: Schedule, x_T, ts, cond=None, solver: str = "tsit5",
+def is_adaptive(solver: str = "tsit5", adaptive=None) -> bool:
+    """Whether ``pf_ode`` steps adaptively: by default Tsit5 / Dopri5 do, Euler / Heun follow the grid."""
+    return solver in ("tsit5", "dopri5") if adaptive is None else bool(adaptive)
+
+
+def pf_ode(denoiser: Callable, schedule: Schedule, x_T, ts, key=None, cond=None, *, solver: str = "tsit5",
            rtol: float = 1e-5, atol: float = 1e-5, max_steps: int = 4096, adaptive=None):
     """Integrate the PF-ODE dx/dt = f x - g^2 score / 2 (Song et al. 2021 eq. 13) from ts[0] to ts[-1].
 
     Adaptive (``PIDController(rtol, atol)``, the default for Tsit5/Dopri5) or on the fixed grid
-    ``ts`` (``StepTo``, the default for Euler/Heun). Returns (x, nfe) with nfe counted from
-    diffrax's step statistics (accepted and rejected steps).
+    ``ts`` (``StepTo``, the default for Euler/Heun). ``key`` is unused. Returns (x, stats) with
+    stats["nfe"] counted from diffrax's step statistics (accepted and rejected steps).
     """
     if solver not in ODE_SOLVERS:
         raise ValueError(f"solver must be one of {tuple(ODE_SOLVERS)}; got {solver!r}")
     cls, per_step, at_init = ODE_SOLVERS[solver]
-    if adaptive is None:
-        adaptive = solver in ("tsit5", "dopri5")
+    adaptive = is_adaptive(solver, adaptive)
     if adaptive and solver in ("euler",):
         raise ValueError("solver 'euler' has no error estimate; use a fixed grid")
     if adaptive and (rtol <= 0 or atol <= 0):
         raise ValueError(f"rtol and atol must be positive; got rtol={rtol}, atol={atol}")
-    term = diffrax.ODETerm(lambda t, y, args: pf_ode_drift(schedule, denoiser(y, t, args), y, t))
+    term = pf_ode_term(denoiser, schedule)
     if adaptive:
         # dt0=None: the controller's first-step probe reuses the FSAL evaluation at t0 once
         # compiled; measured evaluations are 6 per step + 1 (tests/test_samplers.py counts them).
@@ -50,5 +54,4 @@ def pf_ode(denoiser: Callable, schedule: Schedule, x_T, ts, cond=None, solver: s
     sol = diffrax.diffeqsolve(term, cls(), t0=ts[0], t1=ts[-1], dt0=None, y0=x_T, args=cond,
                               stepsize_controller=controller, saveat=diffrax.SaveAt(t1=True),
                               max_steps=max_steps)
-    nfe = at_init + per_step * sol.stats["num_steps"]
-    return sol.ys[0], jnp.asarray(nfe)
+    return sol.ys[0], nfe_stats(sol.stats["num_steps"], per_step, at_init)

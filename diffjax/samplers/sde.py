@@ -8,8 +8,9 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
+from diffjax.samplers.ancestral import nfe_stats, scan_grid
 from diffjax.schedules import Schedule
-from diffjax.sde import DiagonalNoiseTerm, reverse_sde_drift
+from diffjax.sde import reverse_sde_drift, reverse_sde_terms
 
 __all__ = ["euler_maruyama", "predictor_corrector", "langevin_step"]
 
@@ -19,17 +20,15 @@ def euler_maruyama(denoiser: Callable, schedule: Schedule, x_T, ts, key, cond=No
 
     Runs ``diffrax.Euler`` backwards in time on the decreasing grid ``ts`` (``StepTo``). The
     Brownian path is a ``VirtualBrownianTree`` from ``key``: the same key gives the same path
-    whatever the grid, so results converge as the grid is refined.
+    whatever the grid, so results converge as the grid is refined. Returns (x, stats).
     """
+    if key is None:
+        raise ValueError("euler_maruyama is stochastic and needs a PRNG key")
     t_hi, t_lo = ts[0], ts[-1]
     tol = (t_hi - t_lo) * 2.0**-20
     path = diffrax.VirtualBrownianTree(t_lo, t_hi, tol=tol, shape=x_T.shape, key=key)
-    drift = diffrax.ODETerm(
-        lambda t, y, args: reverse_sde_drift(schedule, denoiser(y, t, args), y, t)
-    )
-    noise = DiagonalNoiseTerm(lambda t, y, args: jnp.sqrt(schedule._g2(t)), path)
     sol = diffrax.diffeqsolve(
-        diffrax.MultiTerm(drift, noise),
+        reverse_sde_terms(denoiser, schedule, path),
         diffrax.Euler(),
         t0=t_hi,
         t1=t_lo,
@@ -40,7 +39,7 @@ def euler_maruyama(denoiser: Callable, schedule: Schedule, x_T, ts, key, cond=No
         saveat=diffrax.SaveAt(t1=True),
         max_steps=ts.shape[0] - 1,
     )
-    return sol.ys[0]
+    return sol.ys[0], nfe_stats(sol.stats["num_steps"], 1)
 
 
 def langevin_step(score, x, noise, snr):
@@ -66,15 +65,18 @@ def predictor_corrector(denoiser: Callable, schedule: Schedule, x_T, ts, key, co
     ``predictor="none"``) one reverse-SDE Euler–Maruyama step to t_{i+1}. Correctors:
     ``"langevin"`` (step from ``snr``) and ``"ald"`` (annealed Langevin dynamics, Song & Ermon
     2019 Alg. 1: step ald_step sigma_i^2 / sigma_min^2 with sigma_min the grid's last sigma).
+    Returns (x, stats).
     """
     if predictor not in ("euler_maruyama", "none"):
         raise ValueError(f"predictor must be 'euler_maruyama' or 'none'; got {predictor!r}")
     if corrector not in ("langevin", "ald"):
         raise ValueError(f"corrector must be 'langevin' or 'ald'; got {corrector!r}")
-    sigma2_last = schedule._sigma2(ts[-1])
+    if key is None:
+        raise ValueError("predictor_corrector is stochastic and needs a PRNG key")
+    sigma2_last = schedule.sigma2(ts[-1])
 
     def score_at(x, t):
-        return -denoiser(x, t, cond).eps / schedule._sigma(t)
+        return -denoiser(x, t, cond).eps / schedule.sigma(t)
 
     def correct(x, t, k):
         def body(x, kk):
@@ -82,23 +84,20 @@ def predictor_corrector(denoiser: Callable, schedule: Schedule, x_T, ts, key, co
             score = score_at(x, t)
             if corrector == "langevin":
                 return langevin_step(score, x, z, snr), None
-            step = ald_step * schedule._sigma2(t) / sigma2_last
+            step = ald_step * schedule.sigma2(t) / sigma2_last
             return x + 0.5 * step * score + jnp.sqrt(step) * z, None
 
         x, _ = jax.lax.scan(body, x, jax.random.split(k, n_corrector))
         return x
 
-    def body(x, inp):
-        t, s, k = inp
+    def step(x, t, s, k):
         k_c, k_p = jax.random.split(k)
         x = correct(x, t, k_c)
         if predictor == "none":
-            return x, None
+            return x
         dt = s - t  # negative
         drift = reverse_sde_drift(schedule, denoiser(x, t, cond), x, t)
         z = jax.random.normal(k_p, x.shape, x.dtype)
-        return x + drift * dt + jnp.sqrt(schedule._g2(t) * -dt) * z, None
+        return x + drift * dt + jnp.sqrt(schedule.g2(t) * -dt) * z
 
-    n = ts.shape[0] - 1
-    x, _ = jax.lax.scan(body, x_T, (ts[:-1], ts[1:], jax.random.split(key, n)))
-    return x
+    return scan_grid(step, x_T, ts, key, n_corrector + (predictor != "none"))

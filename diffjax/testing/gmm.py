@@ -87,8 +87,8 @@ class GaussianMixture(eqx.Module):
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (batch, {self.dim}); got {x.shape}")
         t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))[:, None, None]
-        alpha = schedule._alpha(t)  # (B, 1, 1)
-        sigma2 = schedule._sigma2(t)
+        alpha = schedule.alpha(t)  # (B, 1, 1)
+        sigma2 = schedule.sigma2(t)
         mean = alpha * self.means[None]  # (B, K, D)
         var = alpha**2 * self.variances[None] + sigma2
         diff = x[:, None, :] - mean
@@ -125,7 +125,7 @@ class GaussianMixture(eqx.Module):
         # E[x0 | x_t, k] = mu_k + alpha s_k^2 / v_k (x - alpha mu_k)
         x0 = jnp.sum(resp * (self.means[None] + alpha * self.variances[None] / var * diff), axis=1)
         tb = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))[:, None]
-        sigma = schedule._sigma(tb)
+        sigma = schedule.sigma(tb)
         # E[eps | x_t] = -sigma score
         eps = sigma * jnp.sum(resp * diff / var, axis=1)
         return Denoised(x0, eps)
