@@ -56,8 +56,8 @@ def test_auto_resolves_by_backend(monkeypatch):
         ops.resolve_kernels("cuda")
 
 
-@pytest.mark.parametrize("make", [lambda **kw: UNet(**kw), lambda **kw: MLP(**kw),
-                                  lambda **kw: EncoderClassifier(out_channels=3, **kw)], ids=["unet", "mlp", "classifier"])
+@pytest.mark.parametrize("make", [UNet, MLP, lambda **kw: EncoderClassifier(out_channels=3, **kw)],
+                         ids=["unet", "mlp", "classifier"])
 def test_models_validate_kernels_and_dtype(make):
     for field, bad in (("kernels", "gpu"), ("kernels", "CPU"), ("dtype", "float16"), ("dtype", jnp.bfloat16)):
         with pytest.raises(ValueError, match=field):
@@ -286,7 +286,7 @@ def test_group_norm_matches_flax(shape, groups, act, impl):
 
 
 def test_group_norm_and_conv_modules_have_flax_parameters():
-    """ops.GroupNorm / ops.Conv: flax.linen.GroupNorm's / Conv's parameter trees and initial values, and Conv its outputs."""
+    """ops.GroupNorm / ops.Conv: the parameter trees and initial values of flax.linen's, and Conv's outputs."""
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4))
     for ours, ref in ((ops.GroupNorm(num_groups=2, act="silu"), nn.GroupNorm(num_groups=2)),
                       (ops.Conv(6, 3), nn.Conv(6, (3, 3), padding="SAME")),
@@ -343,7 +343,7 @@ def test_conv2d_same_matches_lax_autodiff(shape, k):
 
 
 def test_cpu_conv_gradients_canonical_inside_scan():
-    """Every convolution of a scanned train-like step on the CPU path is in XLA:CPU's canonical form (the fast Eigen path)."""
+    """Every convolution of a scanned train-like step on the CPU path is in XLA:CPU's canonical (fast) form."""
     x = jnp.ones((2, 8, 8, 3))
     m = ops.Conv(4, 3, kernels="cpu")
     p = m.init(jax.random.PRNGKey(0), x)

@@ -47,7 +47,7 @@ class EncoderClassifier(UNet):
     @nn.compact
     def __call__(self, x, t, cond=None, *, train: bool = False):
         h, _, _, _ = self._encode(jnp.asarray(x), t, None, train)
-        h = _norm(h.shape[-1], self.num_groups, "norm_out", act="silu", kernels=self.kernels, dtype=self.dtype)(h, train)
+        h = _norm(h.shape[-1], self.num_groups, "norm_out", "silu", self.kernels, self.dtype)(h, train)
         head = nn.Dense(self.out_channels, kernel_init=nn.initializers.zeros, dtype=ops.compute_dtype(self.dtype),
                         name="head")
         return head(jnp.mean(h, axis=(1, 2))).astype(jnp.float32)

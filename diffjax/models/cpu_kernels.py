@@ -225,7 +225,7 @@ def dropout(key, x, rate: float):
 # ---- attention --------------------------------------------------------------------------------
 
 def spatial_attention(q, k, v, num_heads: int):
-    """``ops.attention`` as two batched matmuls on (B, T, C) (one head) or (B, T, heads, d); logits and softmax in >= f32."""
+    """``ops.attention`` as two batched matmuls on (B, T, C) or (B, T, heads, d); logits and softmax in >= float32."""
     b, t, c = q.shape
     d = c // num_heads
     f32 = jnp.promote_types(q.dtype, jnp.float32)

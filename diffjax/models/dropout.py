@@ -1,4 +1,4 @@
-"""Old import path of ``Dropout`` (now ``diffjax.models.ops``) and ``threefry_bits`` (``diffjax.models.cpu_kernels``)."""
+"""Old import path of ``Dropout`` (now in ``diffjax.models.ops``) and ``threefry_bits`` (``cpu_kernels``)."""
 
 from diffjax.models.cpu_kernels import threefry_bits
 from diffjax.models.ops import Dropout

@@ -256,7 +256,7 @@ class Dropout(nn.Module):
 
 
 class QKVAttention(nn.Module):
-    """Multi-head self-attention of h (B, T, C) with q, k, v from ``nn.Dense(3 C)``'s parameters (kernel (C, 3 C), bias (3 C)).
+    """Multi-head self-attention of h (B, T, C), q, k, v from ``nn.Dense(3 C)``'s kernel (C, 3 C) and bias (3 C).
 
     Name it "qkv" to get the parameter tree of a fused ``nn.Dense(3 C, name="qkv")``. The output
     projection is the caller's.

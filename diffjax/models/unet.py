@@ -16,7 +16,6 @@ import math
 from typing import Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from diffjax.models import ops
@@ -370,7 +369,7 @@ class UNet(nn.Module):
                     h = Upsample(self.kernels, self.dtype, name=f"up_r{r}_upsample")(h, train)
         assert not skips
 
-        h = _norm(h.shape[-1], self.num_groups, "norm_out", act="silu", kernels=self.kernels, dtype=self.dtype)(h, train)
+        h = _norm(h.shape[-1], self.num_groups, "norm_out", "silu", self.kernels, self.dtype)(h, train)
         out = _conv(out_ch, zero=self.zero_init, name="conv_out", kernels=self.kernels, dtype=self.dtype)(h, train)
         return out.astype(jnp.float32)
 
