@@ -16,26 +16,29 @@ __all__ = ["GRIDS", "time_uniform", "time_quadratic", "logsnr_uniform", "discret
            "make_grid", "check_grid"]
 
 
-def _check_steps(num_steps):
+def _check_steps(num_steps, t_start=None, t_end=None):
     if not isinstance(num_steps, (int, np.integer)) or num_steps <= 0:
         raise ValueError(f"num_steps must be a positive integer; got {num_steps!r}")
+    if t_start is not None:
+        check_time(t_start, "t_start")
+        check_time(t_end, "t_end")
 
 
 def time_uniform(t_start: float, t_end: float, num_steps: int):
     """Uniform in t: t_i = t_start + i (t_end - t_start) / S."""
-    _check_steps(num_steps)
+    _check_steps(num_steps, t_start, t_end)
     return jnp.linspace(t_start, t_end, num_steps + 1)
 
 
 def time_quadratic(t_start: float, t_end: float, num_steps: int):
     """Uniform in sqrt(t) (DPM-Solver 'time_quadratic'; DDIM's quadratic spacing)."""
-    _check_steps(num_steps)
+    _check_steps(num_steps, t_start, t_end)
     return jnp.linspace(np.sqrt(t_start), np.sqrt(t_end), num_steps + 1) ** 2
 
 
 def logsnr_uniform(schedule: Schedule, t_start: float, t_end: float, num_steps: int):
     """Uniform in lambda = log(alpha/sigma) (DPM-Solver sec. 3.4 'logSNR'); ends kept exact."""
-    _check_steps(num_steps)
+    _check_steps(num_steps, t_start, t_end)
     lam = jnp.linspace(schedule.log_snr(t_start), schedule.log_snr(t_end), num_steps + 1)
     if _is_concrete(lam) and not np.all(np.isfinite(np.asarray(lam))):
         raise ValueError(

@@ -376,6 +376,29 @@ def test_low_level_bad_input():
         ddim_invert(den, VP, jnp.zeros((2, 2)), jnp.linspace(1.0, 0.1, 5))
     with pytest.raises(ValueError, match="shape"):
         slerp(jnp.zeros((2, 3)), jnp.zeros((2, 4)), 0.5)
+    with pytest.raises(ValueError, match="t_start"):
+        logsnr_uniform(VP, 1.5, 0.1, 4)
+    with pytest.raises(ValueError, match="t_end"):
+        time_uniform(0.9, -0.1, 4)
+    with pytest.raises(ValueError, match="PRNG key"):
+        diffjax.samplers.ddpm(den, VP, jnp.zeros((2, 2)), jnp.linspace(1.0, 0.1, 3), None)
+
+
+def test_every_registered_sampler_follows_the_protocol():
+    """fn(denoiser, schedule, x_T, ts, key, cond) -> (x, stats): x shaped like x_T, stats["nfe"] the
+    evaluations per interval times the intervals (adaptive pf_ode: at least one per interval)."""
+    den = make_denoiser(RING_EPS, VP, "eps")
+    x_T = VP.prior_sample(KEY, (4, 2))
+    ts = logsnr_uniform(VP, 1.0, 0.05, 3)
+    per_step = {"pc": 2, "dpm_solver_2": 2, "dpm_solver_3": 3}
+    for name, spec in diffjax.SAMPLERS.items():
+        x, stats = spec.fn(den, VP, x_T, ts, KEY, None)
+        chex.assert_shape(x, x_T.shape)
+        chex.assert_tree_all_finite(x)
+        if name == "pf_ode":
+            assert int(stats["nfe"]) >= 3, stats
+        else:
+            assert int(stats["nfe"]) == 3 * per_step.get(name, 1), (name, stats)
 
 
 def test_shape_mismatch_named():
