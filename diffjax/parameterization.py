@@ -10,6 +10,10 @@ With x_t = alpha x_0 + sigma eps (see ``diffjax.schedules``), a network may pred
 
 Every type is a linear, invertible function of the pair (x_0, eps) given x_t, so each conversion
 goes through that pair: ``to_x0_eps`` and ``from_x0_eps`` are the only formulas here.
+
+``make_denoiser(model_fn, schedule, prediction)`` reads a network as a ``Denoiser``: a pytree
+``(x, t, cond) -> Denoised`` that carries its schedule and prediction type, the one boundary the
+samplers, likelihoods and guidance wrappers (``DenoiserWrapper``) work on.
 """
 
 from __future__ import annotations
