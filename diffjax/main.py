@@ -6,8 +6,10 @@
 
 Writes into the workdir: ``checkpoints/`` (orbax, keep-last-N), ``loss_history.csv``,
 ``tensorboard/`` (scalars and the sample grid), ``samples.png``, ``loss_curve.png`` and
-``metrics.json`` (final_loss, steps_per_sec, test_bpd, ...). Running it again with the same
-``--workdir`` resumes from the last checkpoint. A multi-host run starts every process with this
+``metrics.json`` (final_loss, steps_per_sec, test_bpd, ...); with ``--noprogress`` a line (step, loss,
+steps/s) every ``training.log_every`` steps on stdout. Running it again with the same ``--workdir``
+resumes from the last checkpoint; ``diffjax.load_run(workdir)`` loads the run from Python. This module
+defines its flags only when run as a program, so importing it has no side effects. A multi-host run starts every process with this
 same command; ``diffjax.distributed`` takes the process layout from ``--coordinator_address`` /
 ``--num_processes`` / ``--process_id``, the ``DIFFJAX_*`` variables set by ``launch/local.sh``, or
 SLURM / TPU-pod detection (see ``launch/README.md``).

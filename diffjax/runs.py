@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["TrainedRun", "load_run", "load_config", "check_same_schedule", "check_sampler_args", "guided_model_fn"]
+__all__ = ["TrainedRun", "load_run", "load_config", "check_same_schedule", "check_sampler_args", "guided_denoiser"]
 
 _SCHEDULE_FIELDS = ("schedule", "beta_min", "beta_max", "sigma_min", "sigma_max", "num_timesteps")
 
@@ -33,7 +33,7 @@ def load_config(workdir: str, step: Optional[int] = None):
 
     stored = None
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
-        stored = Checkpointer(os.path.join(workdir, "checkpoints")).config(step)
+        stored = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).config(step)
     if stored is None:
         path = os.path.join(workdir, "config.json")
         if not os.path.exists(path):
@@ -68,25 +68,25 @@ def check_guidance(num_classes, guidance_scale, has_classifier: bool, classifier
     if guidance_scale != 0 and num_classes is None:
         raise ValueError(f"{prefix}guidance_scale needs a class-conditional run (config.model.num_classes)")
     if classifier_scale != 0 and not has_classifier:
-        raise ValueError(f"{prefix}classifier_scale needs {prefix}classifier_workdir (a run with "
-                         f"config.task=classifier)" if prefix else
-                         "classifier_scale needs a classifier (a run with config.task=classifier)")
+        need = f"{prefix}classifier_workdir" if prefix else "a classifier"
+        raise ValueError(f"{prefix}classifier_scale needs {need} (a run with config.task=classifier)")
 
 
-def guided_model_fn(model_fn, schedule, *, prediction: str, num_classes, guidance_scale=0.0, classifier_fn=None,
+def guided_denoiser(model_fn, schedule, *, prediction: str, num_classes, guidance_scale=0.0, classifier_fn=None,
                     classifier_scale=0.0):
-    """``model_fn`` with classifier-free guidance (weight w = ``guidance_scale``, null class ``num_classes``) and,
-    given a classifier's logits function, classifier guidance (ADM-G, scale s); the model sees labels only if
-    it is class-conditional. The one place the CLI and ``TrainedRun.sample`` build guidance."""
+    """The ``Denoiser`` of ``model_fn`` with classifier-free guidance (weight w = ``guidance_scale``, null class
+    ``num_classes``) and, given a classifier's logits function, classifier guidance (ADM-G, scale s); the model
+    sees labels only if it is class-conditional. The one place the CLI and ``TrainedRun.sample`` build guidance."""
     from diffjax import guidance
+    from diffjax.parameterization import make_denoiser
 
+    denoiser = make_denoiser(model_fn, schedule, prediction)
     if guidance_scale != 0:
-        model_fn = guidance.classifier_free_guidance(model_fn, float(guidance_scale), null_cond=num_classes)
+        denoiser = guidance.classifier_free_guidance(denoiser, float(guidance_scale), null_cond=num_classes)
     if classifier_fn is not None:  # scale 0 still drops the labels an unconditional model must not see
-        model_fn = guidance.classifier_guidance(model_fn, schedule, guidance.classifier_log_prob(classifier_fn),
-                                                float(classifier_scale), prediction=prediction,
-                                                unconditional=num_classes is None)
-    return model_fn
+        denoiser = guidance.classifier_guidance(denoiser, guidance.classifier_log_prob(classifier_fn),
+                                                float(classifier_scale), unconditional=num_classes is None)
+    return denoiser
 
 
 class TrainedRun:
@@ -131,6 +131,13 @@ class TrainedRun:
     def params(self):
         """The EMA parameters (variables dict), the weights sampling and evaluation use."""
         return self.run.state.ema_params
+
+    @property
+    def denoiser(self):
+        """``diffjax.make_denoiser`` of ``model_fn``: the run's schedule and prediction type travel with it."""
+        from diffjax.parameterization import make_denoiser
+
+        return make_denoiser(self.model_fn, self.schedule, self.prediction)
 
     @property
     def model_fn(self):
@@ -185,7 +192,7 @@ class TrainedRun:
             if labels.shape != (num_samples,) or not np.issubdtype(labels.dtype, np.integer):
                 raise ValueError(f"labels must be ({num_samples},) integers; got {labels.dtype}{list(labels.shape)}")
             labels = labels.astype(np.int32)
-        model_fn = guided_model_fn(self.model_fn, self.schedule, prediction=self.prediction,
+        denoiser = guided_denoiser(self.model_fn, self.schedule, prediction=self.prediction,
                                    num_classes=self.num_classes, guidance_scale=guidance_scale,
                                    classifier_fn=classifier_fn, classifier_scale=classifier_scale)
         key = jax.random.PRNGKey(0) if key is None else key
@@ -194,7 +201,7 @@ class TrainedRun:
             n = min(batch_size, num_samples - start)
             cond = None if labels is None else labels[start:start + n]
             x, nfe = generate(self.run, method=method, num_steps=num_steps, num_samples=n,
-                            key=jax.random.fold_in(key, i), cond=cond, model_fn=model_fn, **options)
+                            key=jax.random.fold_in(key, i), cond=cond, model_fn=denoiser, **options)
             chunks.append(x)
         x = np.concatenate(chunks)
         x = x if self.spec.num_bits is None else from_data_range(x, self.spec.num_bits)
@@ -216,14 +223,13 @@ class TrainedRun:
         if x.ndim != len(self.spec.shape) + 1 or x.shape[1:] != tuple(self.spec.shape) or len(x) == 0:
             raise ValueError(f"x must have shape (N, {', '.join(map(str, self.spec.shape))}) with N >= 1; "
                              f"got {x.shape}")
-        if self.spec.num_bits is not None:
+        if self.spec.num_bits is not None:  # integer pixels, as the evaluation pipeline feeds them
             if not np.issubdtype(x.dtype, np.integer):
                 raise ValueError(f"x must hold {self.spec.num_bits}-bit integers (the data's range, as sample() "
                                  f"returns); got dtype {x.dtype}")
-            x = x.astype(np.float32)  # integer values, as the evaluation pipeline feeds them
         else:
             x = x.astype(np.float32)
-        chex.assert_tree_all_finite(x)
+            chex.assert_tree_all_finite(x)
         batch_size = batch_size or self.config.eval.batch_size
         key = jax.random.PRNGKey(0) if key is None else key
         return nll_per_dim(self.run, (x[i:i + batch_size] for i in range(0, len(x), batch_size)), key)
@@ -250,7 +256,7 @@ def load_run(workdir: str, *, step: Optional[int] = None, task: Optional[str] = 
     config.training.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
     config.training.num_devices = num_devices
     config.training.batch_size = _fit(config.training, num_devices)
-    run = setup(config, workdir, restore=False)
+    run = setup(config, workdir, restore=False, read_only=True)  # a run still training there is left alone
     if run.checkpointer.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
     if step is not None and step not in run.checkpointer.all_steps():

@@ -109,6 +109,14 @@ def test_checkpoint_round_trip_and_refuses_non_finite(tmp_path):
     with pytest.raises(NonFiniteError, match="step 8"):
         ckpt.save(bad)
     assert ckpt.all_steps() == [7]
+    # read-only (diffjax.load_run on a run that may still be training): restores, saves nothing, and leaves
+    # an unfinished save of the training job in place
+    unfinished = tmp_path / "ck" / "9.orbax-checkpoint-tmp-1234"
+    unfinished.mkdir()
+    reader = Checkpointer(str(tmp_path / "ck"), read_only=True)
+    assert reader.all_steps() == [7] and int(reader.restore(run.state).step) == 7 and unfinished.exists()
+    with pytest.raises(ValueError, match="read-only"):
+        reader.save(state.replace(step=jnp.asarray(9, jnp.int32)))
 
 
 def test_all_finite_finds_one_bad_entry_in_any_floating_leaf():
@@ -341,8 +349,7 @@ def test_every_experiment_config_validates(name):
 def test_ablate_recipe_rows_name_what_was_trained(tmp_path, monkeypatch):
     """The recipe table names a row by its trained values against the digits config now, and a re-run of the
     same recipe (under any cell name) replaces the row instead of adding one."""
-    sys.path.insert(0, os.path.join(REPO, "experiments"))
-    import ablate_recipe
+    from experiments.ablations import ablate_recipe
 
     monkeypatch.setattr(ablate_recipe, "RESULTS", str(tmp_path / "rows.jsonl"))
     now = ablate_recipe.recipe_values("v_minsnr5")

@@ -29,15 +29,20 @@ class NonFiniteError(FloatingPointError):
 
 
 class Checkpointer:
-    """Keep-last-``max_to_keep`` checkpoints of a TrainState under ``directory`` (orbax CheckpointManager)."""
+    """Keep-last-``max_to_keep`` checkpoints of a TrainState under ``directory`` (orbax CheckpointManager).
 
-    def __init__(self, directory: str, max_to_keep: int = 3):
+    ``read_only``: restore only, and leave the directory as it is (a run still training there keeps its
+    unfinished save), for reading another job's checkpoints.
+    """
+
+    def __init__(self, directory: str, max_to_keep: int = 3, *, read_only: bool = False):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1; got {max_to_keep}")
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True)
+        self.read_only = read_only
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                               enable_async_checkpointing=False, read_only=read_only,
+                                               cleanup_tmp_directories=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> Optional[int]:
@@ -50,6 +55,8 @@ class Checkpointer:
         """Save at ``state.step`` after checking that every parameter and moment is finite; ``config``
         (a ConfigDict) is written beside the step."""
         step = int(jax.device_get(state.step))
+        if self.read_only:
+            raise ValueError(f"this Checkpointer of {self.directory} is read-only; not saving step {step}")
         if not bool(jax.device_get(all_finite(state))):
             raise NonFiniteError(f"refusing to checkpoint a non-finite state at step {step}")
         if step in self._manager.all_steps():

@@ -55,9 +55,10 @@ class Run:
     apply_eval: Any  # model_fn(params, x, t, cond) in eval mode, one object per run (compiled loops reuse it)
 
 
-def setup(config, workdir: Optional[str] = None, restore: bool = True, step: Optional[int] = None) -> Run:
+def setup(config, workdir: Optional[str] = None, restore: bool = True, step: Optional[int] = None,
+          read_only: bool = False) -> Run:
     """Validate the config, build model/schedule/state on the mesh and restore checkpoint ``step`` (default:
-    the latest)."""
+    the latest); ``read_only``: the workdir's checkpoints are only read (``Checkpointer``)."""
     validate_config(config, config.training.num_devices or jax.device_count())
     spec = data_lib.get_spec(config.data.dataset)
     module = build_model(config)
@@ -70,7 +71,7 @@ def setup(config, workdir: Optional[str] = None, restore: bool = True, step: Opt
     state = shard_state(state, shardings)
     ckpt = None
     if workdir is not None:
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.training.max_to_keep)
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.training.max_to_keep, read_only=read_only)
         if restore and (step is not None or ckpt.latest_step() is not None):
             state = ckpt.restore(state, step)
     return Run(config, spec, module, schedule, mesh, shardings, state, ckpt,
@@ -345,7 +346,7 @@ def ema_model_fn(run: Run):
 def generate(run: Run, *, method: str, num_steps: int, num_samples: int, key, cond=None, model_fn=None, **options):
     """Samples from the EMA model with any ``diffjax.sample`` method, ending with the exact denoise at t = 0.
 
-    ``model_fn`` (default: the EMA model) may wrap it, e.g. with ``diffjax.guidance``. The time grid
+    ``model_fn`` (default: the EMA model) may replace it, e.g. by a ``diffjax.guidance`` denoiser of it. The time grid
     is ``options["grid"]``, else ``config.sample.grid`` when ``method`` is the configured
     ``config.sample.method`` (the grid was chosen for that sampler), else the method's own. The batch is
     split over the run's mesh (zero rows pad it to a multiple of the batch shards); returns host
