@@ -20,7 +20,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["TrainedRun", "load_run", "load_config", "check_same_schedule", "check_sampler_args", "guided_denoiser"]
+__all__ = ["TrainedRun", "load_run", "load_config", "check_same_schedule", "check_sampler_args", "check_guidance",
+           "guided_denoiser"]
 
 _SCHEDULE_FIELDS = ("schedule", "beta_min", "beta_max", "sigma_min", "sigma_max", "num_timesteps")
 

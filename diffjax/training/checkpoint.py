@@ -87,8 +87,8 @@ class Checkpointer:
 
     def _remove_stale_configs(self):
         kept = {os.path.basename(self.config_path(s)) for s in self._manager.all_steps()}
-        for name in os.listdir(self.directory):
-            if name.startswith("config_") and name.endswith(".json") and name not in kept:
+        for name in os.listdir(self.directory):  # configs of deleted steps, and any a kill left half-written
+            if name.startswith("config_") and name not in kept:
                 os.remove(os.path.join(self.directory, name))
 
     def restore(self, target: TrainState, step: Optional[int] = None) -> TrainState:
