@@ -44,15 +44,28 @@ def _no_check(options):
     return None
 
 
+def _always(options):
+    return True
+
+
+def _never(options):
+    return False
+
+
+def _pf_ode_adaptive(options):
+    return is_adaptive(options.get("solver", "tsit5"), options.get("adaptive"))
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
     """A registered sampler: ``fn(denoiser, schedule, x_T, ts, key, cond, **options) -> (x, stats)``.
 
     ``stochastic(options)``: whether this call needs a PRNG key; ``grid``: the default time grid;
     ``options``: the keyword options ``fn`` accepts; ``check(options)``: raises a ValueError
-    naming a bad option value; ``lambda_steps``: steps in log-SNR (the grid needs finite lambda);
+    naming a bad option value; ``log_snr_steps``: steps in log-SNR (the grid needs finite lambda);
     ``extrapolates``: its stats carry the x0 ``"history"``, so ``sample`` offers
-    ``final_step="extrapolate"``.
+    ``final_step="extrapolate"``; ``adaptive(options)``: the solver picks its own steps between the
+    grid's ends; ``chain_grid``: the default grid on a DiscreteDDPM chain sampled to t = 0.
     """
 
     fn: Callable
@@ -60,21 +73,15 @@ class SamplerSpec:
     grid: str
     options: frozenset = frozenset()
     check: Callable[[dict], None] = _no_check
-    lambda_steps: bool = False
+    log_snr_steps: bool = False
     extrapolates: bool = False
+    adaptive: Callable[[dict], bool] = _never
+    chain_grid: Optional[str] = None
 
     @property
     def sample_options(self) -> frozenset:
         """The options ``sample`` accepts for this method: ``fn``'s, and ``final_step`` if it extrapolates."""
         return self.options | ({"final_step"} if self.extrapolates else set())
-
-
-def _always(options):
-    return True
-
-
-def _never(options):
-    return False
 
 
 def _ddim_stochastic(options):
@@ -86,35 +93,34 @@ def _dpm(order, multistep=False):
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(ddpm, _always, "time_uniform", frozenset({"variance"})),
-    "ddim": SamplerSpec(ddim, _ddim_stochastic, "time_uniform", frozenset({"eta"})),
+    "ddpm": SamplerSpec(ddpm, _always, "time_uniform", frozenset({"variance"}), chain_grid="ddim_trailing"),
+    "ddim": SamplerSpec(ddim, _ddim_stochastic, "time_uniform", frozenset({"eta"}), chain_grid="ddim_trailing"),
     "euler_maruyama": SamplerSpec(euler_maruyama, _always, "time_uniform"),
     "pc": SamplerSpec(predictor_corrector, _always, "time_uniform",
                       frozenset({"snr", "n_corrector", "predictor", "corrector", "ald_step"})),
     "pf_ode": SamplerSpec(pf_ode, _never, "time_uniform",
-                          frozenset({"solver", "rtol", "atol", "max_steps", "adaptive"}), _check_pf_ode),
-    "dpm_solver_1": SamplerSpec(_dpm(1), _never, "logSNR", lambda_steps=True),
-    "dpm_solver_2": SamplerSpec(_dpm(2), _never, "logSNR", lambda_steps=True),
-    "dpm_solver_3": SamplerSpec(_dpm(3), _never, "logSNR", lambda_steps=True),
-    "dpm_solver++_2m": SamplerSpec(_dpm(2, True), _never, "logSNR", lambda_steps=True, extrapolates=True),
-    "dpm_solver++_3m": SamplerSpec(_dpm(3, True), _never, "logSNR", lambda_steps=True, extrapolates=True),
+                          frozenset({"solver", "rtol", "atol", "max_steps", "adaptive"}), _check_pf_ode,
+                          adaptive=_pf_ode_adaptive),
+    "dpm_solver_1": SamplerSpec(_dpm(1), _never, "logSNR", log_snr_steps=True),
+    "dpm_solver_2": SamplerSpec(_dpm(2), _never, "logSNR", log_snr_steps=True),
+    "dpm_solver_3": SamplerSpec(_dpm(3), _never, "logSNR", log_snr_steps=True),
+    "dpm_solver++_2m": SamplerSpec(_dpm(2, True), _never, "logSNR", log_snr_steps=True, extrapolates=True),
+    "dpm_solver++_3m": SamplerSpec(_dpm(3, True), _never, "logSNR", log_snr_steps=True, extrapolates=True),
 }
 
 METHODS = tuple(SAMPLERS)  # the method names
 
 
-def _grid(schedule, method, num_steps, t_start, t_end, grid, options, clean_end):
+def _grid(schedule, spec, num_steps, t_start, t_end, grid, options, clean_end):
     """The decreasing time grid of a call. ``clean_end``: t_end = 0 where sigma(0) = 0, so the
     last interval is the exact step to x_0 and the solve itself stops at ``schedule.t_min``."""
-    if method == "pf_ode" and is_adaptive(options.get("solver", "tsit5"), options.get("adaptive")):
+    if spec.adaptive(options):
         # adaptive: the solver picks its own steps between the ends (num_steps is unused)
         ends = [t_start, min(float(schedule.t_min), 0.5 * t_start), 0.0] if clean_end else [t_start, t_end]
         return jnp.asarray(ends, jnp.result_type(float))
     if grid is None:
-        if method in ("ddpm", "ddim") and isinstance(schedule, DiscreteDDPM) and t_end == 0.0:
-            grid = "ddim_trailing"
-        else:
-            grid = SAMPLERS[method].grid
+        chain_end = spec.chain_grid is not None and isinstance(schedule, DiscreteDDPM) and t_end == 0.0
+        grid = spec.chain_grid if chain_end else spec.grid
     if isinstance(grid, str) and grid.startswith("ddim_"):
         if not isinstance(schedule, DiscreteDDPM):
             raise ValueError(f"grid {grid!r} needs a DiscreteDDPM schedule")
@@ -244,11 +250,11 @@ def sample(
             check_time(v, name)
         if not t_end < t_start:
             raise ValueError(f"t_end must be < t_start; got t_end={t_end}, t_start={t_start}")
-        ts = _grid(schedule, method, num_steps, t_start, t_end, grid, options,
+        ts = _grid(schedule, spec, num_steps, t_start, t_end, grid, options,
                    clean_end=t_end == 0.0 and sigma_vanishes_at_0)
     final_to_zero = float(ts[-1]) == 0.0 and sigma_vanishes_at_0
 
-    if spec.lambda_steps:
+    if spec.log_snr_steps:
         lam = np.asarray(schedule.log_snr(ts[:-1] if final_to_zero else ts))
         if not np.all(np.isfinite(lam)):
             raise ValueError(
