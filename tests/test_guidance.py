@@ -126,7 +126,8 @@ def test_bad_input_is_named():
         guidance.classifier_free_guidance(model, 1.5, null_cond=3)(x, t, None)
     bad_classifier = lambda x, t, y: jnp.zeros((x.shape[0], 3))  # noqa: E731  (logits, not log p(y|x))
     with pytest.raises(ValueError, match=r"classifier_log_prob must return .* shape \(4,\); got shape \(4, 3\)"):
-        guidance.classifier_guidance(make_denoiser(BLOB.model_fn(s), s), bad_classifier, 1.0)(x, t, jnp.array([0, 1, 2, 0]))
+        guided = guidance.classifier_guidance(make_denoiser(BLOB.model_fn(s), s), bad_classifier, 1.0)
+        guided(x, t, jnp.array([0, 1, 2, 0]))
     with pytest.raises(ValueError, match="percentile"):
         guidance.dynamic_thresholding(model, percentile=1.5)
 
