@@ -46,6 +46,8 @@ Commands:
                                               # "train" section of BENCHMARKS.md
 Options: --sizes A,B  --repeats R  --steps-a N  --steps-b N  --threads 2  --no-torch
          --write-benchmarks (also write BENCHMARKS.md from a --quick run)
+         --kernels-ab (also the step and fwd+bwd on the default model ops, kernels="xla", interleaved with
+                       the CPU-kernel ones; results/bench_train_kernels.* and BENCHMARKS.md's train-kernels section)
 Run it on an otherwise idle machine. The CPU time other processes take during every timed run
 (machine busy time from /proc/stat minus the contender's own) is recorded and shown, and the
 table is marked contaminated above 0.25 cores. XLA_FLAGS, if set, is recorded in the json.
@@ -74,7 +76,7 @@ sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when 
 from experiments.benchmarks.benchlib import machine_busy_s, parse_sizes, write_section  # noqa: E402
 
 from diffjax.config import base
-from diffjax.models import count_params, init_params
+from diffjax.models import count_params, init_params, resolve_kernels
 from diffjax.training import TrainState, global_batch, make_mesh, make_train_step, shard_state, state_shardings
 from diffjax.training.builders import build_loss, build_model, build_optimizer, build_schedule
 from diffjax.training.state import ema_update, make_optimizer
@@ -96,12 +98,13 @@ FUSED = 4  # steps per call of the jax_step_fused contender (training.steps_per_
 REPEATS = (2, 7)
 TARGET_OVERHEAD, TARGET_SPEEDUP = 1.1, 1.3
 JAX_CONTENDERS = ("jax_bare", "jax_step", "jax_step_fused", "jax_update")
+XLA_CONTENDERS = ("xla_jax_bare", "xla_jax_step")  # --kernels-ab: the default-ops model (kernels="xla")
 GEMM_N, GEMM_REPEATS = 2048, 10  # the attainable-rate probe: one large f32 matmul, best of 10 calls
 CONTAMINATED = 0.25  # cores used by other processes during a timed run above which the run is flagged
 
 
-def make_config(size: str, objective: str = "eps"):
-    """``base()`` with the size's model fields, batch and the regression target (prediction = objective).
+def make_config(size: str, objective: str = "eps", kernels: str = "auto"):
+    """``base()`` with the size's model fields, batch, regression target (prediction = objective) and model ops.
 
     Everything else (schedule, antithetic t, dropout, optimizer, warm-up, clipping, EMA) is read from
     ``base()`` at run time, and the torch peer is configured from the same values.
@@ -110,6 +113,7 @@ def make_config(size: str, objective: str = "eps"):
     s = SIZES[size]
     for k, v in s["model"].items():
         c.model[k] = v
+    c.model.kernels = kernels
     c.training.batch_size = s["batch"]
     d = c.diffusion
     d.prediction = d.objective = objective
@@ -146,8 +150,8 @@ def peer_spec(size: str, config, schedule, data_path: str) -> dict:
 class JaxContenders:
     """The diffjax step, the bare forward+backward and the update-only part for one size."""
 
-    def __init__(self, size: str, host: np.ndarray, objective: str):
-        c = self.config = make_config(size, objective)
+    def __init__(self, size: str, host: np.ndarray, objective: str, kernels: str = "auto"):
+        c = self.config = make_config(size, objective, kernels)
         s = SIZES[size]
         module = build_model(c)
         self.schedule = build_schedule(c.diffusion)
@@ -204,9 +208,9 @@ class JaxContenders:
         self.i += FUSED
         return global_batch({"x": x}, self.mesh, stacked=True)
 
-    def warm(self):
+    def warm(self, contenders=JAX_CONTENDERS):
         """First call of each function (compile + one step), then one more call each."""
-        for what in JAX_CONTENDERS:
+        for what in contenders:
             t0 = time.perf_counter()
             self.run(what, FUSED if what == "jax_step_fused" else 1)
             self.first_call_s[what] = time.perf_counter() - t0
@@ -323,7 +327,7 @@ def prepare(size: str, objective: str):
     return config, host, peer_spec(size, config, build_schedule(config.diffusion), path)
 
 
-def bench_size(size, quick, repeats, steps, peer, log, objective):
+def bench_size(size, quick, repeats, steps, peer, log, objective, kernels_ab=False):
     s = SIZES[size]
     config, host, spec = prepare(size, objective)
     log(f"[{size}] {s['label']}, batch {s['batch']}, model {dict(config.model)}: building diffjax model + step")
@@ -333,6 +337,14 @@ def bench_size(size, quick, repeats, steps, peer, log, objective):
     log(f"[{size}] diffjax params {jx.n_params:,}; init {jx.init_s:.1f}s; first calls (compile + 1 step) "
         + ", ".join(f"{k} {v:.1f}s" for k, v in jx.first_call_s.items()) + f" (warm-up {time.perf_counter() - t0:.0f}s)")
     runners = {w: (lambda w=w, n=steps: jx.run(w, n)) for w in JAX_CONTENDERS}
+    if kernels_ab:  # the same step and fwd+bwd on the default (stock lax / Flax) ops, interleaved with the rest
+        xla = JaxContenders(size, host, objective, kernels="xla")
+        t0 = time.perf_counter()
+        xla.warm([w[len("xla_"):] for w in XLA_CONTENDERS])
+        log(f"[{size}] kernels=xla first calls " + ", ".join(f"{k} {v:.1f}s" for k, v in xla.first_call_s.items())
+            + f" (warm-up {time.perf_counter() - t0:.0f}s)")
+        for w in XLA_CONTENDERS:
+            runners[w] = lambda w=w, n=steps: xla.run(w[len("xla_"):], n)
     torch_info = None
     if peer is not None:
         torch_info = peer.ask(cmd="setup", name=size, spec=spec, warmup=1 if quick else 3)
@@ -368,6 +380,11 @@ def bench_size(size, quick, repeats, steps, peer, log, objective):
                         for w, v in times.items()}, peer_spec=spec)
     med = {w: v["median_s"] for w, v in res["timings"].items()}
     res["compile_s"] = {w: jx.first_call_s[w] - med[w] for w in jx.first_call_s}
+    res["kernels"] = resolve_kernels(config.model.kernels)
+    if kernels_ab:
+        res["compile_s"].update({"xla_" + w: xla.first_call_s[w] - med["xla_" + w] for w in ("jax_step", "jax_bare")})
+        res["xla_over_cpu_step"] = med["xla_jax_step"] / med["jax_step"]
+        res["xla_over_cpu_step_paired"] = [a / b for a, b in zip(times["xla_jax_step"], times["jax_step"])]
     res["step_gflop"] = step_gflop(jx)
     res["overhead"] = med["jax_step"] / med["jax_bare"]
     res["overhead_paired"] = [a / b for a, b in zip(times["jax_step"], times["jax_bare"])]
@@ -387,7 +404,9 @@ def fmt(results, meta):
     names = {"jax_step": "diffjax train step", "jax_step_fused": f"diffjax train step, {FUSED} per call (lax.scan)",
              "jax_bare": "diffjax bare fwd+bwd (jit value_and_grad)",
              "jax_update": "diffjax optimizer+EMA alone (breakdown)", "torch_step": "PyTorch+diffusers train step",
-             "torch_bare": "PyTorch+diffusers bare fwd+bwd"}
+             "torch_bare": "PyTorch+diffusers bare fwd+bwd",
+             "xla_jax_step": "diffjax train step, default ops (kernels=xla)",
+             "xla_jax_bare": "diffjax bare fwd+bwd, default ops (kernels=xla)"}
     lines = []
     for r in results:
         m = r["model_fields"]
@@ -406,7 +425,13 @@ def fmt(results, meta):
                          f"{1 / t['median_s']:.2f} | {rate} | {t['cpu_median_s'] * 1e3:.0f} | "
                          f"{'-' if np.isnan(t['other_cores_max']) else format(t['other_cores_max'], '.2f')} |")
         pr = r["overhead_paired"]
-        lines += ["", f"- JAX compile (first call minus median step): step {r['compile_s']['jax_step']:.1f} s, "
+        lines += ["", f"- Model ops of the rows not marked otherwise: kernels={r['kernels']}."]
+        if "xla_over_cpu_step" in r:
+            q = r["xla_over_cpu_step_paired"]
+            lines.append(f"- Default ops (kernels=xla) / CPU kernels, train step = **{r['xla_over_cpu_step']:.3f}** "
+                         f"(per-repeat {min(q):.3f}-{max(q):.3f}; > 1: the CPU kernels are faster); compile: step "
+                         f"{r['compile_s']['xla_jax_step']:.1f} s, bare {r['compile_s']['xla_jax_bare']:.1f} s.")
+        lines += [f"- JAX compile (first call minus median step): step {r['compile_s']['jax_step']:.1f} s, "
                       f"bare {r['compile_s']['jax_bare']:.1f} s; optimizer+EMA alone = "
                       f"{100 * r['update_fraction']:.1f}% of the step."]
         ok = r["overhead"] <= TARGET_OVERHEAD
@@ -477,6 +502,9 @@ def main():
     ap.add_argument("--objective", choices=("eps", "v"), default="eps",
                     help="regression target (prediction = objective) for both; default eps-MSE")
     ap.add_argument("--write-benchmarks", action="store_true", help="write BENCHMARKS.md also from --quick")
+    ap.add_argument("--kernels-ab", action="store_true",
+                    help="also time the step and fwd+bwd on the default model ops (kernels=xla), interleaved; "
+                         "writes the train-kernels section of BENCHMARKS.md instead of train")
     ap.add_argument("--dump-specs", metavar="PATH", help="only write the peer specs (JSON) + host data and exit; "
                     "for diffusers_train_peer.py --spec PATH")
     args = ap.parse_args()
@@ -512,7 +540,8 @@ def main():
                 gemm["torch"] += peer.ask(cmd="gemm", n=GEMM_N, repeats=GEMM_REPEATS)["gflops"]
 
         probe_gemm()
-        results = [bench_size(s, args.quick, repeats, steps[s], peer, log, args.objective) for s in sizes]
+        results = [bench_size(s, args.quick, repeats, steps[s], peer, log, args.objective, args.kernels_ab)
+                   for s in sizes]
         probe_gemm()  # again at the end: the best of both probes is the rate the host allowed
         meta["gemm_gflops"] = gemm
         log("f32 GEMM %d^3 best GFLOP/s: " % GEMM_N + ", ".join(f"{k} {max(v):.1f}" for k, v in gemm.items() if v))
@@ -524,11 +553,11 @@ def main():
     text = fmt(results, meta)
     print(text)
     os.makedirs(RESULTS, exist_ok=True)
-    stem = "bench_train" if mode == "full" else "bench_train_quick"
+    stem = ("bench_train" if mode == "full" else "bench_train_quick") + ("_kernels" if args.kernels_ab else "")
     json.dump(dict(meta=meta, results=results), open(os.path.join(RESULTS, stem + ".json"), "w"), indent=1)
     open(os.path.join(RESULTS, stem + ".md"), "w").write(text + "\n")
     if mode == "full" or args.write_benchmarks:
-        write_section("train", text, meta["command"])
+        write_section("train-kernels" if args.kernels_ab else "train", text, meta["command"])
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""Paired A/B: the U-Net's forward + backward with Flax's ``nn.Dropout`` vs diffjax's ``Dropout``.
+"""Paired A/B: the U-Net's forward + backward with Flax's dropout mask (``jax.random.bernoulli``) vs diffjax's CPU kernel.
 
     python experiments/perf/ab_dropout.py                      # sizes A and B of bench_train.py, ~6 min
     python experiments/perf/ab_dropout.py --write-benchmarks   # also the "dropout-ab" block of BENCHMARKS.md
 
 Both draw the same masks bit for bit (tests/test_models.py); they differ only in how the threefry
-rounds are lowered: JAX's primitive as a rolled while loop on CPU, diffjax's written out
-(``diffjax/models/dropout.py``). One process builds ``bench_train.py``'s bare forward + backward
-(``jit(value_and_grad(loss))``, eps-MSE, dropout 0.1) twice, once per Dropout, and times them
+rounds are lowered: JAX's primitive as a rolled while loop on CPU (``diffjax.models.ops.dropout``, the
+default path), diffjax's written out (``diffjax.models.cpu_kernels.dropout``). One process builds
+``bench_train.py``'s bare forward + backward (``jit(value_and_grad(loss))``, eps-MSE, dropout 0.1,
+``kernels="cpu"``) twice, once per mask function, and times them
 interleaved (order alternating per repeat), so that host-speed drift between runs (which moves
 bench_train's absolute figures by 10-20% here) cancels in the per-repeat ratio. Run it on an
 otherwise idle machine.
@@ -20,31 +21,30 @@ import statistics
 import sys
 import time
 
-import flax.linen as nn
 import jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
-import diffjax.models.unet as unet_lib  # noqa: E402
+from diffjax.models import cpu_kernels, ops  # noqa: E402
 from experiments.benchmarks.bench_train import SIZES, STEPS, JaxContenders, host_batches  # noqa: E402
 from experiments.benchmarks.benchlib import parse_sizes, write_section  # noqa: E402
 
-VARIANTS = {"flax.linen.Dropout": nn.Dropout, "diffjax Dropout": unet_lib.Dropout}
+VARIANTS = {"flax.linen.Dropout": ops.dropout, "diffjax Dropout": cpu_kernels.dropout}
 
 
 def build(size: str):
-    """One warmed bare fwd+bwd per Dropout; the module's Dropout is looked up when the step is traced."""
+    """One warmed bare fwd+bwd per mask function; ``cpu_kernels.dropout`` is looked up when the step is traced."""
     out = {}
     host = host_batches(size, 0)
     try:
-        for name, cls in VARIANTS.items():
-            unet_lib.Dropout = cls
-            jx = JaxContenders(size, host, "eps")
+        for name, fn in VARIANTS.items():
+            cpu_kernels.dropout = fn
+            jx = JaxContenders(size, host, "eps", kernels="cpu")
             jx.run("jax_bare", 1)  # compile
             jx.run("jax_bare", 1)
             out[name] = jx
     finally:
-        unet_lib.Dropout = VARIANTS["diffjax Dropout"]
+        cpu_kernels.dropout = VARIANTS["diffjax Dropout"]
     return out
 
 
