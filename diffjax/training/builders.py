@@ -13,6 +13,7 @@ import jax
 from diffjax import data as data_lib
 from diffjax import models as models_lib
 from diffjax.losses import OBJECTIVES, make_classifier_loss, make_loss
+from diffjax.models.ops import DTYPES, KERNELS
 from diffjax.parameterization import PREDICTION_TYPES
 from diffjax.samplers import METHODS
 from diffjax.schedules import VE, DiscreteDDPM, RectifiedFlow, SubVP, VPCosine, VPLinear
@@ -34,9 +35,6 @@ SCHEDULES = {
 }
 
 TASKS = ("diffusion", "classifier")
-# the models' ``dtype`` (compute dtype; parameters stay float32) and ``kernels`` fields
-MODEL_DTYPES = (None, "float32", "bfloat16")
-KERNELS = ("auto", "xla", "cpu")
 CLASSIFIER_MODELS = ("classifier", "mlp")  # "mlp" with out_dim = classes is the classifier for (B, D) data
 
 
@@ -68,8 +66,9 @@ def validate_config(config, num_devices: int | None = None) -> None:
         _fail("data.dataset", str(e))
     if config.model.name not in models_lib.MODELS:
         _fail("model.name", f"unknown model {config.model.name!r}; known models: {sorted(models_lib.MODELS)}")
-    if config.model.get("dtype") not in MODEL_DTYPES:
-        _fail("model.dtype", f"must be one of {MODEL_DTYPES}; got {config.model.get('dtype')!r}")
+    if config.model.get("dtype") not in DTYPES:
+        _fail("model.dtype", f"must be one of {DTYPES} (the compute dtype; parameters stay float32); "
+                             f"got {config.model.get('dtype')!r}")
     if config.model.get("kernels", "auto") not in KERNELS:
         _fail("model.kernels", f"must be one of {KERNELS}; got {config.model.get('kernels')!r}")
     task = config.get("task", "diffusion")
@@ -173,17 +172,13 @@ def build_schedule(diffusion_config):
 
 
 def build_model(config):
-    """The Flax module named by ``config.model.name`` (fields from ``config.model`` minus ``name``).
-
-    ``model.dtype`` and ``model.kernels`` reach the module only when they differ from its defaults
-    (float32, "auto"), so configs and saved runs without these fields build the same module.
-    """
-    fields = {k: v for k, v in config.model.to_dict().items() if k not in ("name", "dtype", "kernels")}
+    """The Flax module named by ``config.model.name`` (fields from ``config.model`` minus ``name``); a config
+    without ``model.dtype`` / ``model.kernels`` (experiment configs that replace ``config.model``, runs saved
+    before these fields) gets float32 compute and "auto" kernels."""
+    fields = {k: v for k, v in config.model.to_dict().items() if k != "name"}
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    if config.model.get("dtype") not in (None, "float32"):
-        fields["dtype"] = config.model.dtype
-    if config.model.get("kernels", "auto") != "auto":
-        fields["kernels"] = config.model.kernels
+    fields.setdefault("dtype", None)
+    fields.setdefault("kernels", "auto")
     out_field = "out_dim" if config.model.name == "mlp" else "out_channels"
     if config.get("task", "diffusion") == "classifier":
         fields[out_field] = data_lib.get_spec(config.data.dataset).num_classes  # the logits
