@@ -120,13 +120,15 @@ def train_diffjax(cell, steps, train_seed, workdir):
 
 def sample_diffjax(workdir, nfe, num_samples, sample_seeds, grid):
     """Samples per sampling seed with the run's sampler on ``grid`` ("config": the run's own), and the grid's name."""
-    from diffjax.generate import _load_run, draw, guided_model_fn
-    from diffjax.samplers import METHODS
+    import jax
 
-    run = _load_run(workdir, "diffusion")
+    from diffjax import load_run
+    from diffjax.samplers import SAMPLERS
+
+    run = load_run(workdir, task="diffusion")
     method = run.config.sample.method
-    grid = (run.config.sample.get("grid") or METHODS[method][2]) if grid == "config" else grid
-    return [draw(run, guided_model_fn(run), num_samples, method=method, num_steps=nfe, seed=s, grid=grid)[0]
+    grid = (run.config.sample.get("grid") or SAMPLERS[method].grid) if grid == "config" else grid
+    return [run.sample(num_samples, method=method, num_steps=nfe, key=jax.random.PRNGKey(s), grid=grid)
             for s in sample_seeds], grid
 
 

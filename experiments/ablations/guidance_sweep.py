@@ -28,6 +28,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,7 +79,7 @@ def main(argv=None):
 
     from diffjax import evaluators, metrics
     from diffjax.data import to_data_range
-    from diffjax.generate import _load_run, _same_schedule, draw, guided_model_fn, load_config
+    from diffjax import load_run, runs
     from diffjax.training import plots
 
     evaluator = evaluators.digits_evaluator()
@@ -92,26 +93,24 @@ def main(argv=None):
     labels = np.repeat(np.arange(10, dtype=np.int32), args.per_class)
 
     settings = [("cfg", float(w)) for w in args.w.split(",")]
-    runs = {"cfg": _load_run(args.cond_workdir, "diffusion")}
+    models = {"cfg": load_run(args.cond_workdir, task="diffusion")}
     if args.classifier_workdir:
         if not args.uncond_workdir:
             sys.exit("--classifier-workdir needs --uncond-workdir (the model it guides)")
-        _same_schedule(load_config(args.uncond_workdir), load_config(args.classifier_workdir))
-        runs["cg"] = _load_run(args.uncond_workdir, "diffusion")
-        classifier = _load_run(args.classifier_workdir, "classifier")
+        runs.check_same_schedule(runs.load_config(args.uncond_workdir), runs.load_config(args.classifier_workdir))
+        models["cg"] = load_run(args.uncond_workdir, task="diffusion")
+        classifier = load_run(args.classifier_workdir, task="classifier")
         settings += [("cg", float(s)) for s in args.s.split(",")]
 
     rows, grids = [], set(args.grids.split(","))
     os.makedirs(DOCS, exist_ok=True)
     for kind, scale in settings:
-        run = runs[kind]
-        if kind == "cfg":
-            model_fn = guided_model_fn(run, guidance_scale=scale)
-        else:
-            model_fn = guided_model_fn(run, classifier=classifier, classifier_scale=scale)
+        run = models[kind]
+        guide = dict(guidance_scale=scale) if kind == "cfg" else dict(classifier=classifier, classifier_scale=scale)
         t0 = time.perf_counter()
-        x, nfe = draw(run, model_fn, len(labels), labels=labels, method=run.config.sample.method,
-                      num_steps=run.config.sample.num_steps, batch_size=500, seed=args.seed)
+        x, nfe = run.sample(len(labels), labels=labels, method=run.config.sample.method,
+                            num_steps=run.config.sample.num_steps, batch_size=500, key=jax.random.PRNGKey(args.seed),
+                            return_nfe=True, **guide)
         secs = time.perf_counter() - t0
         feats, per_class = class_stats(evaluator, x, labels)
         fd, fd_class = fd_scores(metrics, feats, per_class, ref_feats, ref_per_class)

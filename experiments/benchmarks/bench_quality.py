@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,13 +48,13 @@ def run_diffjax(budget, workdir, nfe, num_samples, seeds):
            "--config.training.checkpoint_every=100000", "--config.training.log_every=50"]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = json.load(open(os.path.join(workdir, "metrics.json")))
-    from diffjax.generate import _load_run, draw, guided_model_fn
+    from diffjax import load_run
 
-    run = _load_run(workdir, "diffusion")
+    run = load_run(workdir, task="diffusion")
     samples, nfe_used = [], None
     for seed in seeds:
-        x, nfe_used = draw(run, guided_model_fn(run), num_samples, method=run.config.sample.method,
-                           num_steps=nfe, seed=seed)
+        x, nfe_used = run.sample(num_samples, method=run.config.sample.method, num_steps=nfe,
+                                 key=jax.random.PRNGKey(seed), return_nfe=True)
         samples.append(x)
     return samples, dict(steps=metrics["step"], train_seconds=metrics["loop_seconds"], nfe=nfe_used,
                          method=run.config.sample.method, n_params=metrics["num_params"])
