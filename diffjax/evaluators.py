@@ -31,7 +31,7 @@ import optax
 from flax import serialization
 
 from diffjax import data as data_lib
-from diffjax.models.dropout import Dropout
+from diffjax.models.ops import Dropout
 
 __all__ = ["DigitsNet", "Evaluator", "digits_evaluator", "train_digits_evaluator"]
 

@@ -5,7 +5,7 @@ over the mesh's ``data`` and ``fsdp`` axes, parameters are replicated or sharded
 ``model`` by the rule set in ``diffjax.sharding``, and XLA's SPMD partitioner inserts the gradient
 all-reduce (or reduce-scatter) and the parameter all-gathers.
 Random numbers are drawn from ``fold_in(state.key, step)`` inside the step; with JAX's
-partitionable threefry (dropout masks included, ``diffjax.models.dropout``) the counter of each
+partitionable threefry (dropout masks included, ``diffjax.models.ops``) the counter of each
 element is its index, so the draws do not depend on how the batch is laid out, and a run on 8
 devices draws the same noise and masks as a run on 1.
 
