@@ -261,21 +261,28 @@ def _check_betas(beta_min, beta_max, cls):
             )
 
 
-class VPLinear(Schedule):
-    """Variance-preserving SDE with linear beta(t) (Song et al. 2021 eq. 11; DDPM limit)."""
+class _LinearBeta(Schedule):
+    """alpha(t) of the linear beta(t) = beta_min + t (beta_max - beta_min) shared by VP and sub-VP (Song et al. 2021)."""
 
-    beta_min: float = 0.1
-    beta_max: float = 20.0
+    beta_min: eqx.AbstractVar[float]
+    beta_max: eqx.AbstractVar[float]
 
     def __check_init__(self):
-        _check_betas(self.beta_min, self.beta_max, "VPLinear")
+        _check_betas(self.beta_min, self.beta_max, type(self).__name__)
 
     def beta(self, t):
-        """beta(t) = beta_min + t (beta_max - beta_min); equals g^2(t) and -2 f(t)."""
+        """beta(t) = beta_min + t (beta_max - beta_min)."""
         return self.beta_min + _as_float(t) * (self.beta_max - self.beta_min)
 
     def _log_alpha(self, t):
         return _linear_beta_log_alpha(t, self.beta_min, self.beta_max)
+
+
+class VPLinear(_LinearBeta):
+    """Variance-preserving SDE with linear beta(t) (Song et al. 2021 eq. 11; DDPM limit); beta(t) = g^2(t) = -2 f(t)."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
 
     def _sigma2(self, t):
         return -jnp.expm1(2.0 * self._log_alpha(t))
@@ -286,17 +293,11 @@ class VPLinear(Schedule):
         )
 
 
-class SubVP(Schedule):
+class SubVP(_LinearBeta):
     """Sub-VP SDE (Song et al. 2021 eq. 12): alpha as VP, sigma(t) = 1 - alpha(t)^2."""
 
     beta_min: float = 0.1
     beta_max: float = 20.0
-
-    def __check_init__(self):
-        _check_betas(self.beta_min, self.beta_max, "SubVP")
-
-    def _log_alpha(self, t):
-        return _linear_beta_log_alpha(t, self.beta_min, self.beta_max)
 
     def _sigma2(self, t):
         return jnp.expm1(2.0 * self._log_alpha(t)) ** 2
