@@ -143,7 +143,8 @@ def train_digits_evaluator(data_dir: Optional[str] = None, **overrides) -> Evalu
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, loss
 
-    # a Python loop of jitted steps: XLA:CPU runs these convolutions ~30x slower inside lax.scan (measured)
+    # a Python loop of jitted steps: XLA:CPU runs these (flax) convolution gradients slowly inside lax.scan
+    # (BENCHMARKS.md, "Model ops on XLA:CPU")
     opt = tx.init(params)
     for i in range(cfg["steps"]):
         params, opt, loss = step(params, opt, i)

@@ -60,7 +60,7 @@ def ema_decay_at(step, decay: float, warmup: bool = False):
     """EMA decay of the update after ``step`` updates: ``decay``, or with warm-up min(decay, (1 + step) / (10 + step))
     (TF ``ExponentialMovingAverage(num_updates=step)``, as in score_sde and diffusers' ``EMAModel``)."""
     if not warmup:
-        return jnp.asarray(decay, jnp.float32)
+        return decay  # a Python float: (1 - decay) folds in double precision, as without the option
     step = jnp.asarray(step, jnp.float32)
     return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
 
