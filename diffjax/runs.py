@@ -3,6 +3,7 @@
     run = diffjax.load_run("runs/digits")
     x = run.sample(64, method="ddim", num_steps=50, key=jax.random.PRNGKey(0))   # uint8 (64, 8, 8, 1)
     run.nll_per_dim(x)["mean"]                                                    # bits/dim, as test_bpd
+    run.log_likelihood(x_model_space).logp                                        # nats per example
     guided = diffjax.load_run("runs/digits-cond").sample(10, labels=np.arange(10), guidance_scale=2.0)
 
 The model, schedule and data spec are rebuilt from the config stored with the checkpoint (older runs:
@@ -234,6 +235,21 @@ class TrainedRun:
         batch_size = batch_size or self.config.eval.batch_size
         key = jax.random.PRNGKey(0) if key is None else key
         return nll_per_dim(self.run, (x[i:i + batch_size] for i in range(0, len(x), batch_size)), key)
+
+    def log_likelihood(self, x, **options):
+        """log p(x) in nats per example under the EMA model's probability-flow ODE (``diffjax.log_likelihood``,
+        Song et al. 2021 eq. 39), for ``x`` in the model's own data space (images scaled to [-1, 1], not
+        integers; ``nll_per_dim`` takes the data's range and dequantizes). ``options`` (trace, key, rtol,
+        atol, ...) go to ``diffjax.log_likelihood``; returns its ``LikelihoodResult`` (logp, nfe, z)."""
+        from diffjax.likelihood import log_likelihood
+
+        if self.task != "diffusion":
+            raise ValueError(f"{self.workdir} holds a {self.task} run; the likelihood needs a diffusion run")
+        x = np.asarray(x)
+        if x.ndim != len(self.spec.shape) + 1 or x.shape[1:] != tuple(self.spec.shape) or len(x) == 0:
+            raise ValueError(f"x must have shape (N, {', '.join(map(str, self.spec.shape))}) with N >= 1; "
+                             f"got {x.shape}")
+        return log_likelihood(self.denoiser, None, x.astype(np.float32), **options)
 
     def __repr__(self):
         return (f"TrainedRun({self.workdir!r}, step={self.step}, task={self.task!r}, model={self.config.model.name!r}, "

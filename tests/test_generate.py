@@ -199,6 +199,13 @@ def test_load_run_samples_as_the_cli_does_and_scores_as_the_trainer_does(uncondi
     assert nll["mean"] == loop._test_split_nll(run.run, key)["test_nats_per_dim"]
     with pytest.raises(ValueError, match=r"x must have shape \(N, 2\)"):
         run.nll_per_dim(np.zeros((4, 3), np.float32))
+    # log_likelihood: the PF-ODE log-density of the same model per example; the evaluation's nats/dim is
+    # -logp / D of the same points (continuous data: no dequantization), up to the different ODE tolerances
+    res = run.log_likelihood(data["x"] if isinstance(data, dict) else data, trace="exact", rtol=1e-3, atol=1e-3)
+    assert res.logp.shape == (8,) and np.all(np.isfinite(res.logp))
+    np.testing.assert_allclose(-float(np.mean(res.logp)) / 2, nll["mean"], rtol=0.05)
+    with pytest.raises(ValueError, match=r"x must be finite"):
+        run.log_likelihood(np.full((2, 2), np.nan, np.float32))
     with pytest.raises(ValueError, match="labels are needed exactly when"):
         run.sample(2, labels=[0, 1])
     with pytest.raises(FileNotFoundError, match="no checkpoint of step 3"):
