@@ -209,6 +209,16 @@ class TrainedRun:
         x = x if self.spec.num_bits is None else from_data_range(x, self.spec.num_bits)
         return (x, nfe) if return_nfe else x
 
+    def _likelihood_input(self, x) -> np.ndarray:
+        """``x`` as an array of shape (N, *data shape), N >= 1, of a diffusion run; else a ValueError naming it."""
+        if self.task != "diffusion":
+            raise ValueError(f"{self.workdir} holds a {self.task} run; the likelihood needs a diffusion run")
+        x = np.asarray(x)
+        if x.ndim != len(self.spec.shape) + 1 or x.shape[1:] != tuple(self.spec.shape) or len(x) == 0:
+            raise ValueError(f"x must have shape (N, {', '.join(map(str, self.spec.shape))}) with N >= 1; "
+                             f"got {x.shape}")
+        return x
+
     def nll_per_dim(self, x, *, key=None, batch_size: Optional[int] = None) -> dict:
         """Negative log-likelihood per dimension of ``x`` under the EMA model's probability-flow ODE, as the
         main job's evaluation reports it: bits/dim for n-bit images (``x`` (N, H, W, C) integers, uniformly
@@ -219,12 +229,7 @@ class TrainedRun:
 
         from diffjax.training.loop import nll_per_dim
 
-        if self.task != "diffusion":
-            raise ValueError(f"{self.workdir} holds a {self.task} run; the likelihood needs a diffusion run")
-        x = np.asarray(x)
-        if x.ndim != len(self.spec.shape) + 1 or x.shape[1:] != tuple(self.spec.shape) or len(x) == 0:
-            raise ValueError(f"x must have shape (N, {', '.join(map(str, self.spec.shape))}) with N >= 1; "
-                             f"got {x.shape}")
+        x = self._likelihood_input(x)
         if self.spec.num_bits is not None:  # integer pixels, as the evaluation pipeline feeds them
             if not np.issubdtype(x.dtype, np.integer):
                 raise ValueError(f"x must hold {self.spec.num_bits}-bit integers (the data's range, as sample() "
@@ -243,12 +248,7 @@ class TrainedRun:
         atol, ...) go to ``diffjax.log_likelihood``; returns its ``LikelihoodResult`` (logp, nfe, z)."""
         from diffjax.likelihood import log_likelihood
 
-        if self.task != "diffusion":
-            raise ValueError(f"{self.workdir} holds a {self.task} run; the likelihood needs a diffusion run")
-        x = np.asarray(x)
-        if x.ndim != len(self.spec.shape) + 1 or x.shape[1:] != tuple(self.spec.shape) or len(x) == 0:
-            raise ValueError(f"x must have shape (N, {', '.join(map(str, self.spec.shape))}) with N >= 1; "
-                             f"got {x.shape}")
+        x = self._likelihood_input(x)
         return log_likelihood(self.denoiser, None, x.astype(np.float32), **options)
 
     def __repr__(self):
