@@ -16,8 +16,10 @@ from ml_collections import config_dict
 def base():
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # "diffusion": a denoiser (eps/x0/v/score); "classifier": a noise-conditional classifier
-    # p(y | x_t, t) for classifier guidance, trained by cross-entropy on x_t ~ q(x_t | x_0)
+    # "diffusion": a denoiser (eps/x0/v/score/flow); "classifier": a noise-conditional classifier
+    # p(y | x_t, t) for classifier guidance, trained by cross-entropy on x_t ~ q(x_t | x_0); few-step
+    # generators: "progressive_distillation", "consistency_distillation", "consistency_training", "reflow"
+    # (diffjax.training.tasks)
     c.task = "diffusion"
 
     c.data = d = ml_collections.ConfigDict()
@@ -58,8 +60,16 @@ def base():
     # section "Training recipe on digits"; it costs test NLL (README), so switch it off for likelihood work
     f.min_snr_gamma = config_dict.FieldReference(5.0, field_type=float)
     f.antithetic = True
+    # how training draws t: "uniform", or "logit_normal" (t = sigmoid(m + s n), Esser et al. 2024; m, s below)
+    f.time_sampling = "uniform"
+    f.logit_normal = (0.0, 1.0)
     f.cond_drop_prob = 0.1  # used when model.num_classes is set
     f.learned_variance = False
+
+    # few-step tasks (progressive_distillation, consistency_distillation, reflow): the teacher run they learn
+    # from (its latest checkpoint's EMA weights); the task's own fields live in config.<progressive|consistency|reflow>
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher_workdir = config_dict.placeholder(str)
 
     c.optim = o = ml_collections.ConfigDict()
     o.optimizer = "adam"

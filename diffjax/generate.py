@@ -84,8 +84,10 @@ def generate_samples(workdir: str, num_samples: int, *, method=None, num_steps=N
     method = config.sample.method if method is None else method
     num_steps = config.sample.num_steps if num_steps is None else num_steps
     runs.check_sampler_args(method, num_steps, prefix="--")
-    if config.get("task", "diffusion") != "diffusion":
-        raise ValueError(f"--workdir {workdir} holds a {config.task} run; sampling needs a diffusion run")
+    from diffjax.training.tasks import get_task
+
+    if not get_task(config.get("task", "diffusion")).samples:
+        raise ValueError(f"--workdir {workdir} holds a {config.task} run, which draws no samples")
     num_classes = config.model.get("num_classes")
     runs.check_guidance(num_classes, guidance_scale, classifier_workdir is not None, classifier_scale, prefix="--")
     classifier = None
@@ -93,7 +95,7 @@ def generate_samples(workdir: str, num_samples: int, *, method=None, num_steps=N
         runs.check_same_schedule(config, runs.load_config(classifier_workdir))
         classifier = runs.load_run(classifier_workdir, task="classifier")
     y = parse_labels(labels, num_classes or (classifier.spec.num_classes if classifier else None), num_samples)
-    run = runs.load_run(workdir, task="diffusion")
+    run = runs.load_run(workdir)
     x = run.sample(num_samples, method=method, num_steps=num_steps, key=jax.random.PRNGKey(seed), labels=y,
                    guidance_scale=guidance_scale, classifier=classifier, classifier_scale=classifier_scale,
                    batch_size=batch_size)

@@ -14,6 +14,9 @@ network through ``diffjax.parameterization`` (the network may predict any type):
   2021b ("Maximum Likelihood Training of Score-Based Diffusion Models", Thm. 1) up to constants;
   or ``weighting="sigma2"``: w = sigma^2 (equal to L_simple).
 
+* ``"flow"``: flow matching / rectified flow (Lipman et al. 2023 eq. 23; Liu et al. 2022 eq. 1): regress the
+  velocity u = alpha' x_0 + sigma' eps of the interpolant, x_1 - x_0 on ``RectifiedFlow`` (x_1 = eps).
+
 * ``"vlb"`` (discrete chains): the DDPM bound L_T + N E_n[L_{n-1}] per example, one uniformly drawn
   term per example (Ho et al. 2020 eq. 5; the terms live in ``diffjax.likelihood.ddpm_vlb_term``);
 * ``"hybrid"`` (discrete chains, learned variance): L_simple + vlb_weight L_vlb with the mean
@@ -24,7 +27,10 @@ network through ``diffjax.parameterization`` (the network may predict any type):
 v in [-1, 1] with log variance = frac log beta + (1 - frac) log beta_tilde, frac = (v + 1) / 2
 (Nichol & Dhariwal eq. 15). ``prediction_only(model_fn)`` strips v for the samplers.
 
-Options: antithetic time sampling (t and its mirror t_eps + T - t in each pair of examples) and
+Options: ``time_sampling``: t uniform on [t_eps, T] (the default) or ``"logit_normal"``, t = t_eps + (T - t_eps)
+sigmoid(m + s n), n ~ N(0, 1) (Esser et al. 2024 eq. 19, "Scaling Rectified Flow Transformers"; m, s =
+``logit_normal=(m, s)``, default (0, 1)), which puts the examples at mid t where the velocity is hardest
+to predict; antithetic time sampling (t and its mirror t_eps + T - t, n and -n, in each pair of examples) and
 condition dropout for classifier-free guidance (each label replaced by ``null_label`` with
 probability ``cond_drop_prob``; Ho & Salimans 2022).
 """
@@ -41,20 +47,22 @@ from diffjax.likelihood import VLB_VARIANCES, ddpm_log_variance, ddpm_prior_kl, 
 from diffjax.parameterization import Denoised, check_prediction, from_x0_eps, to_x0_eps
 from diffjax.schedules import DiscreteDDPM, Schedule, broadcast_time
 
-__all__ = ["OBJECTIVES", "make_loss", "make_classifier_loss", "label_log_prob", "sample_times", "drop_condition", "split_variance", "prediction_only"]
+__all__ = ["OBJECTIVES", "TIME_SAMPLINGS", "make_loss", "make_classifier_loss", "label_log_prob", "sample_times", "drop_condition", "split_variance", "prediction_only"]
 
-OBJECTIVES = ("eps", "x0", "v", "dsm", "vlb", "hybrid")
+OBJECTIVES = ("eps", "x0", "v", "flow", "dsm", "vlb", "hybrid")
+TIME_SAMPLINGS = ("uniform", "logit_normal")
 # sigma^2 times each regression objective's weight on ||x0_hat - x0||^2 (module docstring)
 _X0_WEIGHT_DENOM = {"eps": lambda a2, s2: a2, "x0": lambda a2, s2: s2, "v": lambda a2, s2: (a2 + s2) ** 2}
 _LN2 = math.log(2.0)
 
 
 def sample_times(key, n: int, t_eps: float, t_max: float, antithetic: bool = False,
-                 discrete: Optional[int] = None):
+                 discrete: Optional[int] = None, logit_normal: Optional[tuple[float, float]] = None):
     """Uniform times on [t_eps, t_max] (or uniform steps n/N of a discrete chain, Ho Alg. 1).
 
-    ``antithetic``: the second half of the batch mirrors the first (t -> t_eps + t_max - t),
-    lowering the variance of the Monte-Carlo estimate of the time integral.
+    ``logit_normal=(m, s)``: t = t_eps + (t_max - t_eps) sigmoid(m + s n), n ~ N(0, 1) (Esser et al. 2024
+    eq. 19) instead of uniform. ``antithetic``: the second half of the batch mirrors the first (t ->
+    t_eps + t_max - t; n -> -n), lowering the variance of the Monte-Carlo estimate of the time integral.
     """
     m = (n + 1) // 2 if antithetic else n
     if discrete is not None:
@@ -62,6 +70,11 @@ def sample_times(key, n: int, t_eps: float, t_max: float, antithetic: bool = Fal
         if antithetic:
             steps = jnp.concatenate([steps, discrete + 1 - steps])[:n]
         return steps.astype(jnp.result_type(float)) / discrete
+    if logit_normal is not None:
+        z = jax.random.normal(key, (m,))
+        if antithetic:
+            z = jnp.concatenate([z, -z])[:n]
+        return t_eps + (t_max - t_eps) * jax.nn.sigmoid(logit_normal[0] + logit_normal[1] * z)
     u = jax.random.uniform(key, (m,))
     t = t_eps + (t_max - t_eps) * u
     if antithetic:
@@ -105,6 +118,8 @@ def _unpack(batch, need_label: bool = False):
     x0, label = batch["x"], batch.get("label")
     if x0.ndim < 2:
         raise ValueError(f"batch['x'] must have shape (batch, ...data dims); got {x0.shape}")
+    if "noise" in batch and batch["noise"].shape != x0.shape:
+        raise ValueError(f"batch['noise'] must have the shape of batch['x'] {x0.shape}; got {batch['noise'].shape}")
     if label is None and need_label:
         raise ValueError("batch has no 'label': a classifier trains on labelled data")
     if label is not None and label.shape != x0.shape[:1]:
@@ -122,6 +137,8 @@ def make_loss(
     reduce: str = "mean",
     t_eps: Optional[float] = None,
     antithetic: bool = False,
+    time_sampling: str = "uniform",
+    logit_normal: tuple[float, float] = (0.0, 1.0),
     cond_drop_prob: float = 0.0,
     null_label: Optional[int] = None,
     learned_variance: bool = False,
@@ -134,11 +151,14 @@ def make_loss(
 ):
     """Build ``loss_fn(params, batch, key) -> (loss, aux)`` for ``model_fn(params, x, t, cond)``.
 
-    ``batch`` is a dict with ``"x"`` (batch, ...) and optionally ``"label"`` (batch,) int.
+    ``batch`` is a dict with ``"x"`` (batch, ...), optionally ``"label"`` (batch,) int and ``"noise"`` (the
+    shape of x): the eps paired with each x_0 (reflow's couplings) instead of fresh Gaussian noise.
     ``reduce``: per-example mean (``"mean"``) or sum (``"sum"``) over data dims.
     ``aux`` holds the per-example losses and the times drawn.
     ``vlb_variance`` (objective "vlb" without a learned variance): "posterior" (beta_tilde) or
     "large" (beta); ``decoder``, ``num_bits``, ``data_range``: the L_0 term's decoder.
+    ``time_sampling`` ("uniform" / "logit_normal" with ``logit_normal=(m, s)``): how t is drawn (module
+    docstring; continuous schedules only).
     """
     check_prediction(prediction)
     if objective not in OBJECTIVES:
@@ -152,6 +172,14 @@ def make_loss(
     if cond_drop_prob > 0 and null_label is None:
         raise ValueError("cond_drop_prob > 0 needs null_label (the class index meaning 'no condition')")
     discrete = schedule.num_timesteps if isinstance(schedule, DiscreteDDPM) else None
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}; got {time_sampling!r}")
+    if time_sampling == "logit_normal" and discrete is not None:
+        raise ValueError("time_sampling='logit_normal' draws continuous times; a DiscreteDDPM chain draws its steps "
+                         "uniformly")
+    if time_sampling == "logit_normal" and not (len(logit_normal) == 2 and logit_normal[1] > 0):
+        raise ValueError(f"logit_normal must be (mean, std) with std > 0; got {logit_normal!r}")
+    ln = tuple(map(float, logit_normal)) if time_sampling == "logit_normal" else None
     if objective in ("vlb", "hybrid") and (discrete is None or discrete < 2):
         raise ValueError(f"objective={objective!r} needs a DiscreteDDPM schedule with >= 2 steps; "
                          f"got {type(schedule).__name__}")
@@ -174,8 +202,8 @@ def make_loss(
         x0, label = _unpack(batch)
         k_t, k_eps, k_drop = jax.random.split(key, 3)
         n = x0.shape[0]
-        t = sample_times(k_t, n, t_lo, t_hi, antithetic, discrete)
-        eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+        t = sample_times(k_t, n, t_lo, t_hi, antithetic, discrete, ln)
+        eps = batch["noise"] if "noise" in batch else jax.random.normal(k_eps, x0.shape, x0.dtype)
         x_t = schedule.marginal(x0, t, eps)
         cond = label
         if label is not None and cond_drop_prob > 0:

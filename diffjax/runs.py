@@ -120,6 +120,12 @@ class TrainedRun:
         return self.config.get("task", "diffusion")
 
     @property
+    def _spec(self):
+        from diffjax.training.tasks import get_task
+
+        return get_task(self.task)
+
+    @property
     def prediction(self) -> str:
         """What ``model_fn`` predicts: "eps", "x0", "v" or "score" (config.diffusion.prediction)."""
         return self.config.diffusion.prediction
@@ -165,8 +171,8 @@ class TrainedRun:
         from diffjax.data import from_data_range
         from diffjax.training.loop import generate
 
-        if self.task != "diffusion":
-            raise ValueError(f"{self.workdir} holds a {self.task} run; sampling needs a diffusion run")
+        if not self._spec.samples:
+            raise ValueError(f"{self.workdir} holds a {self.task} run, which draws no samples")
         if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
             raise ValueError(f"num_samples must be >= 1; got {num_samples}")
         if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
@@ -211,8 +217,9 @@ class TrainedRun:
 
     def _likelihood_input(self, x) -> np.ndarray:
         """``x`` as an array of shape (N, *data shape), N >= 1, of a diffusion run; else a ValueError naming it."""
-        if self.task != "diffusion":
-            raise ValueError(f"{self.workdir} holds a {self.task} run; the likelihood needs a diffusion run")
+        if not self._spec.nll:
+            raise ValueError(f"{self.workdir} holds a {self.task} run, whose network is not a denoiser of the "
+                             f"probability-flow ODE: it has no likelihood")
         x = np.asarray(x)
         if x.ndim != len(self.spec.shape) + 1 or x.shape[1:] != tuple(self.spec.shape) or len(x) == 0:
             raise ValueError(f"x must have shape (N, {', '.join(map(str, self.spec.shape))}) with N >= 1; "
@@ -260,7 +267,7 @@ def load_run(workdir: str, *, step: Optional[int] = None, task: Optional[str] = 
              num_devices: Optional[int] = None) -> TrainedRun:
     """The run trained in ``workdir`` at checkpoint ``step`` (default: the latest), built from the config stored
     with that checkpoint and laid out data-parallel over ``num_devices`` (default: every device).
-    ``task`` ("diffusion" / "classifier"), if given, must be the run's."""
+    ``task`` (a ``config.task`` name), if given, must be the run's."""
     import ml_collections
 
     from diffjax.training.loop import setup
@@ -273,7 +280,8 @@ def load_run(workdir: str, *, step: Optional[int] = None, task: Optional[str] = 
     config.training.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
     config.training.num_devices = num_devices
     config.training.batch_size = _fit(config.training, num_devices)
-    run = setup(config, workdir, restore=False, read_only=True)  # a run still training there is left alone
+    # a run still training there is left alone; a student's teacher is not read (the checkpoint holds its copy)
+    run = setup(config, workdir, restore=False, read_only=True, structure_only=True)
     if run.checkpointer.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
     if step is not None and step not in run.checkpointer.all_steps():

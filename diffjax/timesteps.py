@@ -78,7 +78,10 @@ def discrete_subsequence(schedule: DiscreteDDPM, num_steps: int, kind: str = "li
     return jnp.asarray(t, jnp.result_type(float))
 
 
-GRIDS = ("time_uniform", "time_quadratic", "logSNR")
+# "trailing": uniform in t like time_uniform, but a grid that ends at t = 0 puts all num_steps intervals on
+# [t_start, 0] (the last one the step to x_0) instead of num_steps - 1 on [t_start, t_min] and the step to 0:
+# diffusers' "trailing" spacing (Lin et al. 2024 Table 2), the grid few-step students are trained on
+GRIDS = ("time_uniform", "time_quadratic", "logSNR", "trailing")
 SUBSEQUENCE_GRIDS = ("ddim_linear", "ddim_quadratic", "ddim_trailing")  # DiscreteDDPM chains only
 
 
@@ -89,7 +92,7 @@ def make_grid(schedule: Schedule, t_start: float, t_end: float, num_steps: int,
         ts = jnp.asarray(grid, jnp.result_type(float))
         check_grid(ts)
         return ts
-    if grid == "time_uniform":
+    if grid in ("time_uniform", "trailing"):
         return time_uniform(t_start, t_end, num_steps)
     if grid == "time_quadratic":
         return time_quadratic(t_start, t_end, num_steps)

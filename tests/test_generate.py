@@ -72,7 +72,7 @@ def test_classifier_guidance_bad_input(unconditional_run, classifier_run, tmp_pa
         generate_samples(unconditional_run, 2, classifier_scale=1.0)
     with pytest.raises(ValueError, match="holds a diffusion run, not a classifier run"):
         generate_samples(unconditional_run, 2, classifier_workdir=unconditional_run, classifier_scale=1.0)
-    with pytest.raises(ValueError, match="holds a classifier run; sampling needs a diffusion run"):
+    with pytest.raises(ValueError, match="holds a classifier run, which draws no samples"):
         generate_samples(classifier_run, 2)
     with pytest.raises(ValueError, match=r"--labels must lie in \[0, 8\)"):
         generate_samples(unconditional_run, 2, labels="9", classifier_workdir=classifier_run, classifier_scale=1.0)
@@ -226,7 +226,7 @@ def test_load_run_guided_samples(conditional_run, classifier_run):
     with pytest.raises(ValueError, match=r"labels must be \(8,\) integers"):
         run.sample(8, labels=np.arange(4))
     classifier = diffjax.load_run(classifier_run, task="classifier")
-    with pytest.raises(ValueError, match="holds a classifier run; sampling needs a diffusion run"):
+    with pytest.raises(ValueError, match="holds a classifier run, which draws no samples"):
         classifier.sample(2)
     xc = run.sample(8, method="ddim", num_steps=3, labels=np.arange(8), classifier=classifier, classifier_scale=3.0)
     assert xc.shape == (8, 2) and np.all(np.isfinite(xc))

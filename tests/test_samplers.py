@@ -351,7 +351,7 @@ def test_extrapolated_final_step_through_sample():
         (dict(method="ddim", num_steps=0), "num_steps"),
         (dict(method="ddim", num_steps=-3), "num_steps"),
         (dict(method="ddim", num_steps=2.5), "num_steps"),
-        (dict(method="heun", num_steps=10), "method"),
+        (dict(method="runge_kutta_9", num_steps=10), "method"),
         (dict(method="ddim", num_steps=10, t_end=1.5), "t_end"),
         (dict(method="ddim", num_steps=10, t_end=-0.1), "t_end"),
         (dict(method="ddim", num_steps=10, t_start=0.2, t_end=0.5), "t_end"),

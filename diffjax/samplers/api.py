@@ -101,6 +101,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "pf_ode": SamplerSpec(pf_ode, _never, "time_uniform",
                           frozenset({"solver", "rtol", "atol", "max_steps", "adaptive"}), _check_pf_ode,
                           adaptive=_pf_ode_adaptive),
+    # fixed-grid PF-ODE solvers by name (k-diffusion's sample_euler / sample_heun in t; rectified flow's Euler)
+    "euler": SamplerSpec(functools.partial(pf_ode, solver="euler"), _never, "time_uniform"),
+    "heun": SamplerSpec(functools.partial(pf_ode, solver="heun"), _never, "time_uniform"),
     "dpm_solver_1": SamplerSpec(_dpm(1), _never, "logSNR", log_snr_steps=True),
     "dpm_solver_2": SamplerSpec(_dpm(2), _never, "logSNR", log_snr_steps=True),
     "dpm_solver_3": SamplerSpec(_dpm(3), _never, "logSNR", log_snr_steps=True),
@@ -131,6 +134,8 @@ def _grid(schedule, spec, num_steps, t_start, t_end, grid, options, clean_end):
             f"grid must be one of {GRIDS + SUBSEQUENCE_GRIDS} or an array; "
             f"got {grid!r}"
         )
+    if clean_end and grid == "trailing":
+        return make_grid(schedule, t_start, 0.0, num_steps, grid)  # the last interval is the step to t = 0
     if clean_end:
         # lay num_steps - 1 intervals down to t_min, then the exact step to t = 0
         t_min = float(schedule.t_min)
@@ -193,7 +198,8 @@ def sample(
       method: one of ``SAMPLERS``: ``ddpm`` (option ``variance``), ``ddim`` (option ``eta``),
         ``euler_maruyama``, ``pc`` (options ``snr``, ``n_corrector``, ``predictor``, ``corrector``,
         ``ald_step``), ``pf_ode`` (options ``solver`` in tsit5/dopri5/euler/heun, ``rtol``,
-        ``atol``, ``max_steps``, ``adaptive``), ``dpm_solver_1``, ``dpm_solver_2``,
+        ``atol``, ``max_steps``, ``adaptive``), ``euler`` and ``heun`` (``pf_ode``'s fixed-grid solvers),
+        ``dpm_solver_1``, ``dpm_solver_2``,
         ``dpm_solver_3``, ``dpm_solver++_2m``, ``dpm_solver++_3m`` (option ``final_step``:
         ``denoise``, the default, or ``extrapolate``: with ``t_end = 0`` the step to sigma = 0
         extrapolates the last two x0 predictions to sigma = 0, error O(sigma^4) instead of
@@ -207,7 +213,8 @@ def sample(
       cond: passed to ``model_fn`` unchanged.
       t_start, t_end: integration interval, default ``schedule.t_max`` and ``schedule.t_min``.
         ``t_end = 0`` ends with the exact step to sigma = 0 (the denoised x_0).
-      grid: time_uniform, time_quadratic, logSNR, ddim_trailing / ddim_linear / ddim_quadratic
+      grid: time_uniform, time_quadratic, logSNR, trailing (uniform in t; ending at t = 0, all
+        ``num_steps`` intervals reach down to 0, the last being the step to x_0), ddim_trailing / ddim_linear / ddim_quadratic
         (sub-sequences of a DiscreteDDPM chain, ending at t = 0; ddim_trailing, the default for
         ddpm/ddim with t_end=0, starts at step N; the DDIM paper's linear/quadratic start below it
         and x_T is taken at their first time), or an explicit decreasing array of times (which

@@ -12,16 +12,17 @@ import jax
 
 from diffjax import data as data_lib
 from diffjax import models as models_lib
-from diffjax.losses import OBJECTIVES, make_classifier_loss, make_loss
+from diffjax.losses import OBJECTIVES, TIME_SAMPLINGS, make_classifier_loss, make_loss
 from diffjax.models.ops import DTYPES, KERNELS
 from diffjax.parameterization import PREDICTION_TYPES
 from diffjax.samplers import METHODS
 from diffjax.schedules import VE, DiscreteDDPM, RectifiedFlow, SubVP, VPCosine, VPLinear
 from diffjax.training.state import make_optimizer
+from diffjax.training.tasks import TASK_NAMES, TaskSpec, get_task
 from diffjax.sharding import mesh_shape
 from diffjax.timesteps import GRIDS, SUBSEQUENCE_GRIDS
 
-__all__ = ["SCHEDULES", "TASKS", "ConfigError", "validate_config", "build_schedule", "build_model", "build_loss",
+__all__ = ["SCHEDULES", "TASKS", "DIFFUSION_TASK", "CLASSIFIER_TASK", "ConfigError", "denoiser_loss_kwargs", "validate_config", "build_schedule", "build_model", "build_loss",
            "build_optimizer"]
 
 SCHEDULES = {
@@ -34,7 +35,7 @@ SCHEDULES = {
     "ddpm_cosine": lambda c: DiscreteDDPM.cosine(c.num_timesteps),
 }
 
-TASKS = ("diffusion", "classifier")
+TASKS = TASK_NAMES
 CLASSIFIER_MODELS = ("classifier", "mlp")  # "mlp" with out_dim = classes is the classifier for (B, D) data
 
 
@@ -78,6 +79,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
         _validate_classifier(config)
     elif config.model.name == "classifier":
         _fail("model.name", "'classifier' is the network of task 'classifier'; set config.task = 'classifier'")
+    get_task(task).validate(config)
     d = config.diffusion
     if d.schedule not in SCHEDULES:
         _fail("diffusion.schedule", f"unknown schedule {d.schedule!r}; known: {sorted(SCHEDULES)}")
@@ -85,6 +87,14 @@ def validate_config(config, num_devices: int | None = None) -> None:
         _fail("diffusion.prediction", f"must be one of {PREDICTION_TYPES}; got {d.prediction!r}")
     if d.objective not in OBJECTIVES:
         _fail("diffusion.objective", f"must be one of {OBJECTIVES}; got {d.objective!r}")
+    if d.get("time_sampling", "uniform") not in TIME_SAMPLINGS:
+        _fail("diffusion.time_sampling", f"must be one of {TIME_SAMPLINGS}; got {d.time_sampling!r}")
+    if d.get("time_sampling", "uniform") == "logit_normal":
+        if d.schedule.startswith("ddpm_"):
+            _fail("diffusion.time_sampling", "'logit_normal' draws continuous times; a ddpm_* chain draws steps")
+        ln = d.get("logit_normal", (0.0, 1.0))
+        if not (len(ln) == 2 and ln[1] > 0):
+            _fail("diffusion.logit_normal", f"must be (mean, std) with std > 0; got {ln!r}")
     gamma = d.get("min_snr_gamma")
     if gamma is not None and not (isinstance(gamma, (int, float)) and gamma > 0):
         _fail("diffusion.min_snr_gamma", f"must be > 0 (or None: off); got {gamma!r}")
@@ -124,8 +134,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
         every = _positive_int(config, f"training.{name}", allow_zero=True) if name in t else 0
         if every % k:
             _fail(f"training.{name}", f"{every} must be a multiple of training.steps_per_call={k} (0: off)")
-    if t.get("sample_every", 0) and task == "classifier":
-        _fail("training.sample_every", "task 'classifier' draws no samples; leave it 0")
+    if t.get("sample_every", 0) and not get_task(task).samples:
+        _fail("training.sample_every", f"task {task!r} draws no samples; leave it 0")
     if num_steps % k:
         _fail("training.num_steps", f"{num_steps} must be a multiple of training.steps_per_call={k}")
     budget = t.get("max_train_seconds")
@@ -198,36 +208,56 @@ def build_optimizer(config):
 
 
 def build_loss(config, schedule, module):
-    """``loss_fn(params, batch, key)`` for the module in training mode (dropout keyed from ``key``).
+    """``loss_fn(params, batch, key)`` (or a ``ContextLoss``) of ``config.task`` for the module in training
+    mode (dropout keyed from ``key``)."""
+    return get_task(config.get("task", "diffusion")).build_loss(config, schedule, module)
 
-    Task "diffusion": ``make_loss`` with the config's objective; task "classifier":
-    ``make_classifier_loss`` (cross-entropy on x_t ~ q(x_t | x_0)).
-    """
+
+def denoiser_loss_kwargs(config) -> dict:
+    """``make_loss`` keyword arguments from ``config.diffusion`` (objective, weighting, time sampling, condition
+    dropout): the denoising objective of task "diffusion", reused by tasks that train a denoiser on other data."""
     d = config.diffusion
+    kwargs = dict(prediction=d.prediction, objective=d.objective, weighting=d.weighting,
+                  antithetic=d.antithetic, learned_variance=d.get("learned_variance", False),
+                  min_snr_gamma=d.get("min_snr_gamma"))
+    if d.get("time_sampling", "uniform") != "uniform":
+        kwargs.update(time_sampling=d.time_sampling, logit_normal=tuple(d.get("logit_normal", (0.0, 1.0))))
+    num_classes = config.model.get("num_classes")
+    if num_classes is not None and d.cond_drop_prob > 0:
+        kwargs.update(cond_drop_prob=d.cond_drop_prob, null_label=num_classes)
+    return kwargs
+
+
+def with_dropout_key(module, make_loss_of_model, strip_labels: bool):
+    """``loss_fn(params, batch, key)`` from ``make_loss_of_model(model_fn) -> loss_fn``: the model in training
+    mode with its dropout keyed from a split of ``key``; ``strip_labels``: the batch's labels are dropped
+    (an unconditional model never sees them)."""
     apply = models_lib.make_model_fn(module, train=True)
-    if config.get("task", "diffusion") == "classifier":
-        classes = data_lib.get_spec(config.data.dataset).num_classes
-        make = functools.partial(make_classifier_loss, schedule=schedule, num_classes=classes,
-                                 antithetic=d.antithetic)
-        strip = False
-    else:
-        num_classes = config.model.get("num_classes")
-        kwargs = dict(prediction=d.prediction, objective=d.objective, weighting=d.weighting,
-                      antithetic=d.antithetic, learned_variance=d.get("learned_variance", False),
-                      min_snr_gamma=d.get("min_snr_gamma"))
-        if num_classes is not None and d.cond_drop_prob > 0:
-            kwargs.update(cond_drop_prob=d.cond_drop_prob, null_label=num_classes)
-        make = functools.partial(make_loss, schedule=schedule, **kwargs)
-        strip = not num_classes  # an unconditional model never sees labels
 
     def loss_fn(params, batch, key):
         k_loss, k_drop = jax.random.split(key)
-        if strip:
+        if strip_labels:
             batch = {"x": batch["x"]}
 
         def model_fn(p, x, t, cond):
             return apply(p, x, t, cond, rng=k_drop)
 
-        return make(model_fn)(params, batch, k_loss)
+        return make_loss_of_model(model_fn)(params, batch, k_loss)
 
     return loss_fn
+
+
+def _diffusion_loss(config, schedule, module):
+    make = functools.partial(make_loss, schedule=schedule, **denoiser_loss_kwargs(config))
+    return with_dropout_key(module, make, strip_labels=not config.model.get("num_classes"))
+
+
+def _classifier_loss(config, schedule, module):
+    classes = data_lib.get_spec(config.data.dataset).num_classes
+    make = functools.partial(make_classifier_loss, schedule=schedule, num_classes=classes,
+                             antithetic=config.diffusion.antithetic)
+    return with_dropout_key(module, make, strip_labels=False)
+
+
+DIFFUSION_TASK = TaskSpec(build_loss=_diffusion_loss)
+CLASSIFIER_TASK = TaskSpec(build_loss=_classifier_loss, samples=False, nll=False)

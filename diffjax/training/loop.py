@@ -34,6 +34,7 @@ from diffjax.sharding import shard_batch, to_host
 from diffjax.training.builders import build_loss, build_model, build_optimizer, build_schedule, validate_config
 from diffjax.training.checkpoint import Checkpointer, NonFiniteError
 from diffjax.training.state import TrainState
+from diffjax.training.tasks import get_task
 from diffjax.training.step import global_batch, make_mesh, make_train_step, shard_state, state_shardings
 
 __all__ = ["Run", "setup", "train", "evaluate", "evaluate_classifier", "train_and_evaluate", "ema_model_fn",
@@ -56,24 +57,30 @@ class Run:
 
 
 def setup(config, workdir: Optional[str] = None, restore: bool = True, step: Optional[int] = None,
-          read_only: bool = False) -> Run:
+          read_only: bool = False, structure_only: bool = False) -> Run:
     """Validate the config, build model/schedule/state on the mesh and restore checkpoint ``step`` (default:
-    the latest); ``read_only``: the workdir's checkpoints are only read (``Checkpointer``)."""
+    the latest); ``read_only``: the workdir's checkpoints are only read (``Checkpointer``);
+    ``structure_only``: the caller restores a checkpoint over the state, so a task's teacher is not read."""
     validate_config(config, config.training.num_devices or jax.device_count())
     spec = data_lib.get_spec(config.data.dataset)
     module = build_model(config)
     schedule = build_schedule(config.diffusion)
     mesh = make_mesh(config.training.mesh.to_dict(), config.training.num_devices)
-    k_init, k_run = jax.random.split(jax.random.PRNGKey(config.seed))
-    params = models_lib.init_params(module, k_init, (1, *spec.shape))
-    state = TrainState.create(params, build_optimizer(config), k_run)
-    shardings = state_shardings(state, mesh, config.training.fsdp_min_size)
-    state = shard_state(state, shardings)
     ckpt = None
     if workdir is not None:
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.training.max_to_keep, read_only=read_only)
-        if restore and (step is not None or ckpt.latest_step() is not None):
-            state = ckpt.restore(state, step)
+    restoring = ckpt is not None and restore and (step is not None or ckpt.latest_step() is not None)
+    k_init, k_run = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = models_lib.init_params(module, k_init, (1, *spec.shape))
+    extra = None
+    task = get_task(config.get("task", "diffusion"))
+    if task.init is not None:
+        params, extra = task.init(config, schedule, module, params, restore_only=restoring or structure_only)
+    state = TrainState.create(params, build_optimizer(config), k_run, extra)
+    shardings = state_shardings(state, mesh, config.training.fsdp_min_size)
+    state = shard_state(state, shardings)
+    if restoring:
+        state = ckpt.restore(state, step)
     return Run(config, spec, module, schedule, mesh, shardings, state, ckpt,
                models_lib.make_model_fn(module, train=False))
 
@@ -166,10 +173,7 @@ def train(config, workdir: str, *, run: Optional[Run] = None, progress: bool = T
     start = int(jax.device_get(run.state.step))
     end = t_cfg.num_steps if stop_after is None else min(t_cfg.num_steps, start + stop_after)
     step_fn = _train_step_for(run)
-    batches = data_lib.train_batches(
-        config.data.dataset, global_batch_size=t_cfg.batch_size, seed=config.seed, start_step=start,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        dequantize=config.data.dequantize, random_flip=config.data.random_flip, data_dir=config.data.data_dir)
+    batches = train_batches(config, start)
 
     writer = _summary_writer(workdir) if is_main else None
     history_path = os.path.join(workdir, "loss_history.csv")
@@ -229,14 +233,28 @@ def train(config, workdir: str, *, run: Optional[Run] = None, progress: bool = T
                  "loop_seconds": time.perf_counter() - budget.start}
 
 
+def train_batches(config, start_step: int):
+    """This process's host batches from ``start_step`` on: the task's own data (e.g. reflow's couplings) or
+    ``config.data.dataset``."""
+    task = get_task(config.get("task", "diffusion"))
+    if task.batches is not None:
+        return task.batches(config, start_step, jax.process_index(), jax.process_count())
+    return data_lib.train_batches(
+        config.data.dataset, global_batch_size=config.training.batch_size, seed=config.seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        dequantize=config.data.dequantize, random_flip=config.data.random_flip, data_dir=config.data.data_dir)
+
+
 _STEP_CACHE: dict = {}
+_TASK_SECTIONS = ("distill", "progressive", "consistency", "reflow")  # task fields a step's program may depend on
 
 
 def _train_step_for(run: Run):
     """The jitted step for this run's config, shared by runs whose step is the same (resumes, tests, sweeps)."""
     c = run.config
     # build_loss is part of the key so a replaced loss builder (tests patch one in) never reuses a step
-    key = (json.dumps({k: c[k].to_dict() for k in ("model", "diffusion", "optim")}, sort_keys=True, default=str),
+    key = (json.dumps({k: c[k].to_dict() for k in ("model", "diffusion", "optim", *_TASK_SECTIONS) if k in c},
+                      sort_keys=True, default=str),
            c.get("task", "diffusion"),
            c.data.dataset, c.training.steps_per_call, c.training.get("grad_accum_steps", 1),
            c.training.fsdp_min_size, run.mesh, build_loss)
@@ -471,11 +489,12 @@ def _evaluate_during_training(run: Run, workdir: str, step: int, writer) -> None
     """``training.sample_every``: ``samples/step_<N>.png`` (and TensorBoard); ``training.eval_every``: the test
     NLL (a classifier: its test accuracy) in TensorBoard under ``eval/`` and in ``eval_history.csv``."""
     config, t = run.config, run.config.training
+    task = get_task(config.get("task", "diffusion"))
     classifier = config.get("task", "diffusion") == "classifier"
     k_sample, k_nll = _eval_keys(config)
-    if _due(step, t.get("sample_every", 0)) and not classifier:
+    if _due(step, t.get("sample_every", 0)) and task.samples:
         _sample_figure(run, k_sample, os.path.join(workdir, "samples", f"step_{step}.png"), writer)
-    if not (_due(step, t.get("eval_every", 0)) and config.eval.num_examples > 0):
+    if not (_due(step, t.get("eval_every", 0)) and config.eval.num_examples > 0 and (task.nll or classifier)):
         return
     metrics = evaluate_classifier(run) if classifier else _test_split_nll(run, k_nll)
     if jax.process_index() != 0:
@@ -514,7 +533,7 @@ def evaluate(run: Run, workdir: str) -> dict:
         from diffjax.training import plots
 
         plots.loss_curve(os.path.join(workdir, "loss_history.csv"), os.path.join(workdir, "loss_curve.png"))
-    if config.eval.num_examples > 0:
+    if config.eval.num_examples > 0 and get_task(config.get("task", "diffusion")).nll:
         out.update(_test_split_nll(run, k_nll))
     return out
 

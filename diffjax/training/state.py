@@ -18,19 +18,22 @@ __all__ = ["TrainState", "make_optimizer", "ema_decay_at", "ema_update", "all_fi
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """params, ema_params, opt_state, step (int32 scalar) and key (raw uint32 PRNG key)."""
+    """params, ema_params, opt_state, step (int32 scalar), key (raw uint32 PRNG key) and ``extra``: what a
+    task keeps beside them (a distillation teacher's weights, a consistency target network; None for plain
+    diffusion, an empty subtree, so such states and their checkpoints are as before)."""
 
     params: Any
     ema_params: Any
     opt_state: Any
     step: jax.Array
     key: jax.Array
+    extra: Any = None
 
     @classmethod
-    def create(cls, params, optimizer: optax.GradientTransformation, key):
+    def create(cls, params, optimizer: optax.GradientTransformation, key, extra=None):
         """Fresh state at step 0; the EMA starts at the initial parameters."""
         return cls(params=params, ema_params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params),
-                   step=jnp.zeros((), jnp.int32), key=jnp.asarray(key))
+                   step=jnp.zeros((), jnp.int32), key=jnp.asarray(key), extra=extra)
 
 
 def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, grad_clip: float = 0.0,

@@ -21,7 +21,8 @@ memory. Micro-batch i draws its noise, times and dropout masks from ``fold_in(st
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,28 @@ from jax.sharding import PartitionSpec as P
 from diffjax.sharding import batch_sharding, global_batch, make_mesh, tree_shardings
 from diffjax.training.state import TrainState, ema_decay_at, ema_update
 
-__all__ = ["make_mesh", "state_shardings", "shard_state", "global_batch", "make_train_step", "split_micro_batches"]
+__all__ = ["make_mesh", "state_shardings", "shard_state", "global_batch", "make_train_step", "split_micro_batches",
+           "StepContext", "ContextLoss"]
+
+
+class StepContext(NamedTuple):
+    """What a step's loss may read of the train state besides the parameters it differentiates."""
+
+    step: jax.Array  # updates made before this one (int32 scalar)
+    ema_params: Any
+    extra: Any  # TrainState.extra: e.g. a teacher's weights
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextLoss:
+    """A loss that reads the train state: ``loss_fn(params, batch, key, ctx) -> (loss, aux)`` with ``ctx`` a
+    ``StepContext`` (distillation teachers, consistency target networks, stage counters), and
+    ``update_extra(ctx, params) -> extra``, the new ``TrainState.extra`` after the update (``ctx`` then
+    holds the new step and EMA and the old extra, ``params`` the updated parameters; None: extra
+    unchanged)."""
+
+    loss_fn: Callable
+    update_extra: Optional[Callable] = None
 
 
 def state_shardings(state: TrainState, mesh: Mesh, min_size: int = 2**14):
@@ -59,7 +81,7 @@ def make_train_step(
 ):
     """``step(state, batch) -> (state, metrics)``, jitted (score_sde ``train_step`` / VDM ``train_step``).
 
-    ``loss_fn(params, batch, key) -> (loss, aux)``. metrics: ``loss`` and ``grad_norm`` per step
+    ``loss_fn(params, batch, key) -> (loss, aux)``, or a ``ContextLoss`` that also reads the state. metrics: ``loss`` and ``grad_norm`` per step
     (shape (steps_per_call,)). ``shardings``/``mesh`` lay the state and the batch out on the mesh;
     the state's buffers are donated, so the input state must not be used after the call.
     ``grad_accum_steps`` = k: the mean gradient of k micro-batches (module docstring); the batch
@@ -71,17 +93,18 @@ def make_train_step(
         raise ValueError(f"steps_per_call must be >= 1; got {steps_per_call}")
     if not (isinstance(grad_accum_steps, int) and grad_accum_steps >= 1):
         raise ValueError(f"grad_accum_steps must be an integer >= 1; got {grad_accum_steps!r}")
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    task = loss_fn if isinstance(loss_fn, ContextLoss) else ContextLoss(lambda p, b, k, ctx: loss_fn(p, b, k))
+    value_and_grad = jax.value_and_grad(task.loss_fn, has_aux=True)
 
-    def loss_and_grads(params, batch, key):
+    def loss_and_grads(params, batch, key, ctx):
         if grad_accum_steps == 1:
-            (loss, _), grads = value_and_grad(params, batch, key)
+            (loss, _), grads = value_and_grad(params, batch, key, ctx)
             return loss, grads
         micro = jax.tree.map(lambda v: split_micro_batches(v, grad_accum_steps), batch)
 
         def accumulate(carry, xs):
             i, mb = xs
-            (loss, _), grads = value_and_grad(params, mb, jax.random.fold_in(key, i))
+            (loss, _), grads = value_and_grad(params, mb, jax.random.fold_in(key, i), ctx)
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -90,12 +113,14 @@ def make_train_step(
 
     def one_step(state: TrainState, batch):
         key = jax.random.fold_in(state.key, state.step)
-        loss, grads = loss_and_grads(state.params, batch, key)
+        loss, grads = loss_and_grads(state.params, batch, key, StepContext(state.step, state.ema_params, state.extra))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay_at(state.step, ema_decay, ema_warmup)
         new = state.replace(params=params, opt_state=opt_state, step=state.step + 1,
                             ema_params=ema_update(state.ema_params, params, decay))
+        if task.update_extra is not None:
+            new = new.replace(extra=task.update_extra(StepContext(new.step, new.ema_params, state.extra), params))
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def step(state, batches):
