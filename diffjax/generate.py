@@ -34,7 +34,8 @@ def _define_flags():
     flags.DEFINE_integer("num_samples", None, "How many samples to draw.", required=True)
     flags.DEFINE_string("out", None, "Output .npy file for the samples.", required=True)
     flags.DEFINE_string("method", None, "Sampler (default: the run's config.sample.method).")
-    flags.DEFINE_integer("num_steps", None, "Sampler steps (default: the run's config.sample.num_steps).")
+    flags.DEFINE_integer("num_steps", None, "Sampler steps (default: the run's own, config.sample.num_steps or a "
+                                            "distilled student's step count).")
     flags.DEFINE_float("guidance_scale", 0.0, "Classifier-free guidance weight w (0: none).")
     flags.DEFINE_string("labels", None,
                         "Classes for a conditional model or classifier guidance: 'all', '3,1,4' or '7'.")
@@ -82,8 +83,8 @@ def generate_samples(workdir: str, num_samples: int, *, method=None, num_steps=N
         raise ValueError(f"--batch_size must be >= 1; got {batch_size}")
     config = runs.load_config(workdir)
     method = config.sample.method if method is None else method
-    num_steps = config.sample.num_steps if num_steps is None else num_steps
-    runs.check_sampler_args(method, num_steps, prefix="--")
+    # num_steps None: the run's own (TrainedRun.default_num_steps, e.g. a distilled student's stage)
+    runs.check_sampler_args(method, 1 if num_steps is None else num_steps, prefix="--")
     from diffjax.training.tasks import get_task
 
     if not get_task(config.get("task", "diffusion")).samples:

@@ -120,6 +120,13 @@ class TrainedRun:
         return self.config.get("task", "diffusion")
 
     @property
+    def default_num_steps(self) -> int:
+        """The sampler steps this checkpoint is sampled with by default: ``config.sample.num_steps``, or the task's
+        own count at this step (a progressive-distillation student's stage)."""
+        steps = self._spec.sample_steps
+        return self.config.sample.num_steps if steps is None else int(steps(self.config, self.step))
+
+    @property
     def _spec(self):
         from diffjax.training.tasks import get_task
 
@@ -159,7 +166,7 @@ class TrainedRun:
                classifier_scale: float = 0.0, batch_size: int = 500, return_nfe: bool = False, **options):
         """``num_samples`` samples in the data's range and shape, drawn in batches of ``batch_size``.
 
-        ``method`` / ``num_steps`` default to the run's ``config.sample``; ``key`` to PRNGKey(0) (batch i
+        ``method`` / ``num_steps`` default to the run's ``config.sample`` (steps: ``default_num_steps``); ``key`` to PRNGKey(0) (batch i
         uses ``fold_in(key, i)``). ``labels`` (num_samples,) int: the classes of a conditional model or
         of classifier guidance. ``guidance_scale`` w: classifier-free guidance; ``classifier`` (a
         classifier run on the same schedule) and ``classifier_scale`` s: classifier guidance.
@@ -178,7 +185,7 @@ class TrainedRun:
         if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         method = self.config.sample.method if method is None else method
-        num_steps = self.config.sample.num_steps if num_steps is None else num_steps
+        num_steps = self.default_num_steps if num_steps is None else num_steps
         check_sampler_args(method, num_steps)
         check_guidance(self.num_classes, guidance_scale, classifier is not None, classifier_scale)
         classifier_fn = None

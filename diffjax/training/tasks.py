@@ -39,6 +39,8 @@ class TaskSpec:
     ``samples``: the run draws samples (a classifier does not); ``nll``: the end-of-run evaluation
     reports the test NLL through the probability-flow ODE (meaningless for a consistency model or a
     distilled student, whose network is not the ODE's denoiser).
+    ``sample_steps(config, step)``: the sampler steps the run's checkpoint at ``step`` is sampled with by
+    default (a progressive-distillation student halves them stage by stage; None: ``config.sample.num_steps``).
     """
 
     build_loss: Callable
@@ -47,6 +49,7 @@ class TaskSpec:
     batches: Optional[Callable] = None
     samples: bool = True
     nll: bool = True
+    sample_steps: Optional[Callable] = None
 
 
 # task name -> (module, attribute) of its TaskSpec; imported when the task is used
