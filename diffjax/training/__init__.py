@@ -5,7 +5,9 @@
 
 from diffjax.training.checkpoint import Checkpointer, NonFiniteError
 from diffjax.training.state import TrainState, all_finite, ema_update, make_optimizer
-from diffjax.training.step import global_batch, make_mesh, make_train_step, shard_state, state_shardings
+from diffjax.training.step import (ContextLoss, StepContext, global_batch, make_mesh, make_train_step, shard_state,
+                                   state_shardings)
+from diffjax.training.tasks import TaskSpec, get_task
 
 __all__ = [
     "Checkpointer",
@@ -17,6 +19,10 @@ __all__ = [
     "global_batch",
     "make_mesh",
     "make_train_step",
+    "ContextLoss",
+    "StepContext",
+    "TaskSpec",
+    "get_task",
     "shard_state",
     "state_shardings",
 ]
