@@ -2,6 +2,7 @@
 registered in ``SAMPLERS``; ``sample`` on top."""
 
 from diffjax.samplers.ancestral import ddim, ddim_invert, ddim_step, ddpm, nfe_stats, scan_grid, slerp
+from diffjax.consistency import consistency_sample
 from diffjax.samplers.api import METHODS, SAMPLERS, SamplerSpec, sample
 from diffjax.samplers.dpm_solver import DPMSolver, DPMSolverPPMultistep, dpm_solver, extrapolate_x0
 from diffjax.samplers.ode import pf_ode

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax.consistency import consistency_sample
 from diffjax.parameterization import Denoiser, as_denoiser, check_prediction
 from diffjax.samplers.ancestral import ddim, ddpm, nfe_stats
 from diffjax.samplers.dpm_solver import dpm_solver, extrapolate_x0
@@ -109,6 +110,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpm_solver_3": SamplerSpec(_dpm(3), _never, "logSNR", log_snr_steps=True),
     "dpm_solver++_2m": SamplerSpec(_dpm(2, True), _never, "logSNR", log_snr_steps=True, extrapolates=True),
     "dpm_solver++_3m": SamplerSpec(_dpm(3, True), _never, "logSNR", log_snr_steps=True, extrapolates=True),
+    # multistep consistency sampling (Song et al. 2023 Alg. 1) of a consistency model read as an x0 model_fn
+    "consistency": SamplerSpec(consistency_sample, _always, "trailing", frozenset({"sigma_min"})),
 }
 
 METHODS = tuple(SAMPLERS)  # the method names
@@ -205,7 +208,9 @@ def sample(
         extrapolates the last two x0 predictions to sigma = 0, error O(sigma^4) instead of
         O(sigma^2) in the last grid point's sigma / alpha, at no extra evaluation; it pays off
         when the grid stops at a sizeable sigma, e.g. ``grid="ddim_trailing"``; see
-        ``diffjax.samplers.extrapolate_x0``).
+        ``diffjax.samplers.extrapolate_x0``), ``consistency`` (a consistency model, ``diffjax.consistency``:
+        f at each grid time and fresh noise down to the next, CM Alg. 1; option ``sigma_min``, the model's
+        s_min = 0.002; needs a key; default grid trailing: 1 step = 1 NFE from t_max, 2 steps via t_max / 2).
       num_steps: solver steps (grid intervals); adaptive ``pf_ode`` ignores it.
       key: PRNG key, required by stochastic methods.
       prediction: what ``model_fn`` predicts: eps (the default), x0, v, score or flow; with a
