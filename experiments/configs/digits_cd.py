@@ -46,9 +46,9 @@ def get_config():
     c.distill.teacher_workdir = "runs/digits"
     c.consistency = consistency_section()
     c.optim.learning_rate = 4e-4  # CM paper CD
-    c.training.num_steps = 800
-    c.training.max_train_seconds = 780.0  # the digits task's 15-minute budget, sampling included
-    c.training.checkpoint_every = 400
+    c.training.num_steps = 1000
+    c.training.max_train_seconds = 720.0  # the digits task's 15-minute budget, sampling included
+    c.training.checkpoint_every = 500
     c.sample.method = "consistency"
     c.sample.num_steps = 1
     c.sample.grid = "trailing"  # 1 step: [t_max, 0]; 2 steps: [t_max, t_max / 2, 0]
