@@ -169,7 +169,8 @@ def ict_num_scales(k, total_steps: int, s0: int, s1: int):
     """N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1 / s0) + 1)) (iCT eq. 9)."""
     k_prime = max(math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1)), 1)
     doublings = jnp.floor_divide(jnp.asarray(k, jnp.int32), k_prime)
-    return jnp.minimum(s0 * 2 ** jnp.minimum(doublings, 30), s1).astype(jnp.int32) + 1
+    doublings = jnp.minimum(doublings, math.ceil(math.log2(s1 / s0)))  # past s1 already (no int32 overflow)
+    return jnp.minimum(s0 * 2**doublings, s1).astype(jnp.int32) + 1
 
 
 def lognormal_index_logits(sigmas, n, p_mean: float, p_std: float):

@@ -78,7 +78,7 @@ def test_curricula_and_target_ema_match_their_formulas():
     assert abs(float(cm.ct_ema_rate(s0, s0, mu0)) - mu0) < 1e-6
     # iCT: K' = floor(1000 / (log2 floor(1280 / 10) + 1)) = 125; N doubles every 125 steps from 11 to 1281
     ict = jax.jit(lambda k: cm.ict_num_scales(k, K, 10, 1280))
-    assert [int(ict(k)) for k in (0, 124, 125, 250, 874, 875, 999)] == [11, 11, 21, 41, 641, 1281, 1281]
+    assert [int(ict(k)) for k in (0, 124, 125, 250, 874, 875, 999, 10**6)] == [11, 11, 21, 41, 641, 1281, 1281, 1281]
     settings = cm.ConsistencySettings(0.002, 80.0, curriculum="ct", s0=s0, s1=s1, total_steps=K, mu0=mu0)
     assert int(settings.num_scales_at(500)) == math.ceil(math.sqrt(0.5 * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
     assert float(settings.ema_rate_at(0)) == pytest.approx(mu0)
@@ -255,6 +255,7 @@ def _config(name, **fields):
     ("digits_ct", "consistency.s1", 5, "config.consistency.s1"),
     ("digits_ct", "consistency.huber_c", -1.0, "config.consistency.huber_c"),
     ("digits_ct", "diffusion.schedule", "ddpm_linear", "config.diffusion.schedule"),
+    ("digits_ct", "diffusion.schedule", "edm", "config.diffusion.schedule"),
 ])
 def test_config_errors_name_the_field(name, field, value, match):
     validate_config(_config(name), 1)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from diffjax import consistency as cm
 from diffjax import models as models_lib
 from diffjax.parameterization import make_denoiser
-from diffjax.training.builders import ConfigError, _fail, build_schedule
+from diffjax.training.builders import SCHEDULES, ConfigError, _fail, build_schedule
 from diffjax.training.tasks import TaskSpec, load_teacher
 
 __all__ = ["DISTILLATION_TASK", "TRAINING_TASK", "settings_from_config", "eval_apply", "consistency_model_fn"]
@@ -78,6 +78,8 @@ def _validate(config, distillation: bool) -> None:
             _fail(f"consistency.{field}", f"must be > 0; got {v!r}")
     if c.get("huber_c") is not None and not c.huber_c > 0:
         _fail("consistency.huber_c", f"must be > 0 (or None: 0.00054 sqrt(d)); got {c.huber_c!r}")
+    if config.diffusion.schedule not in SCHEDULES:
+        return  # validate_config names config.diffusion.schedule
     if config.diffusion.schedule.startswith("ddpm_"):
         _fail("diffusion.schedule", f"a consistency model needs a continuous schedule; got {config.diffusion.schedule!r}")
     schedule = build_schedule(config.diffusion)
