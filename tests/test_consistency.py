@@ -21,6 +21,7 @@ from diffjax.testing.gmm import ring_mixture
 from diffjax.training.builders import ConfigError, validate_config
 from diffjax.training.state import TrainState
 from diffjax.training.step import ContextLoss, StepContext, make_train_step
+from diffjax.training.task_consistency import consistency_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
 
@@ -229,15 +230,18 @@ def test_one_compiled_step_serves_the_whole_curriculum():
 # ---- the tasks ----------------------------------------------------------------------------------
 
 
-def _config(name, **fields):
-    c = load(os.path.join(CONFIGS, f"{name}.py"))
+def _set(c, fields):
     for path, v in fields.items():
-        node = c
         *parents, leaf = path.split(".")
+        node = c
         for p in parents:
             node = node[p]
         node[leaf] = v
     return c
+
+
+def _config(name, **fields):
+    return _set(load(os.path.join(CONFIGS, f"{name}.py")), fields)
 
 
 @pytest.mark.parametrize("name, field, value, match", [
@@ -275,17 +279,8 @@ def _toy(task, workdir, **fields):
     c.sample.num_samples, c.eval.num_examples = 16, 0
     c.model.width, c.model.depth = 32, 1
     if task != "diffusion":
-        c.task = task
-        c.consistency = load(os.path.join(CONFIGS, "digits_cd.py")).consistency
-        c.consistency.num_scales, c.consistency.sigma_data = 6, 2.0
-        c.sample.method, c.sample.num_steps, c.sample.grid = "consistency", 1, "trailing"
-    for k, v in fields.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+        consistency_config(c, task, num_scales=6, sigma_data=2.0)
+    return _set(c, fields)
 
 
 @pytest.mark.slow  # ~30 s of CPU: three tiny runs through the main job

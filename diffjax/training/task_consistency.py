@@ -23,7 +23,40 @@ from diffjax.parameterization import make_denoiser
 from diffjax.training.builders import SCHEDULES, ConfigError, _fail, build_schedule
 from diffjax.training.tasks import TaskSpec, load_teacher
 
-__all__ = ["DISTILLATION_TASK", "TRAINING_TASK", "settings_from_config", "eval_apply", "consistency_model_fn"]
+__all__ = ["DISTILLATION_TASK", "TRAINING_TASK", "consistency_config", "settings_from_config", "eval_apply", "consistency_model_fn"]
+
+
+def consistency_config(config, task: str, **fields):
+    """``config`` made a run of ``task`` ("consistency_distillation" / "consistency_training"): the section
+    ``config.consistency`` with the CM paper's CD defaults updated by ``fields`` (the fields of
+    ``ConsistencySettings``), one-step consistency sampling on the trailing grid, no PF-ODE NLL."""
+    import ml_collections
+    from ml_collections import config_dict
+
+    c = ml_collections.ConfigDict()
+    c.num_scales = 18  # N of curriculum "fixed"
+    c.curriculum = "fixed"  # "fixed", "ct" (CM paper N(k), mu(k)), "ict" (iCT's doubling N(k))
+    c.s0, c.s1 = 2, 150  # curriculum start / end (CM paper CT: 2, 150; iCT: 10, 1280)
+    c.mu0 = 0.95  # target EMA rate (curriculum "ct": mu0 of mu(k))
+    c.target_ema = True  # False: theta- = stop_gradient(theta) (iCT)
+    c.loss = "l2"  # "l2", "l1", "pseudo_huber" (LPIPS needs a downloaded VGG)
+    c.huber_c = config_dict.placeholder(float)  # None: 0.00054 sqrt(d) (iCT)
+    c.solver = "ddim"  # the teacher's ODE step (CD): "ddim", "euler", "heun"
+    c.sigma_data = 0.5
+    c.sigma_min = 0.002  # s_min of the boundary condition, s = sigma / alpha
+    c.sigma_max = config_dict.placeholder(float)  # None: s at the schedule's t_max (where sampling starts)
+    c.rho = 7.0
+    c.noise_sampling = "uniform"  # "uniform" over the N - 1 intervals, or "lognormal" (iCT; p_mean, p_std)
+    c.p_mean, c.p_std = -1.1, 2.0
+    c.weighting = "uniform"  # "uniform", or "ict": 1 / (s_{i+1} - s_i)
+    c.update(fields)
+    config.task = task
+    config.consistency = c
+    config.sample.method = "consistency"
+    config.sample.num_steps = 1
+    config.sample.grid = "trailing"  # 1 step: [t_max, 0]; 2 steps: [t_max, t_max / 2, 0]
+    config.eval.num_examples = 0  # no PF-ODE NLL: the network is not the ODE's denoiser
+    return config
 
 
 def _sigma_max(config, schedule) -> float:

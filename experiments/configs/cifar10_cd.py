@@ -11,22 +11,17 @@ batch 512, 800k steps, EMA 0.9999. The paper's LPIPS metric needs a downloaded V
 import os
 
 from diffjax.config import load
+from diffjax.training.task_consistency import consistency_config
 
 
 def get_config():
     here = os.path.dirname(os.path.abspath(__file__))
     c = load(os.path.join(here, "cifar10_ddpmpp_vp.py"))
-    c.task = "consistency_distillation"
+    consistency_config(c, "consistency_distillation", num_scales=18, solver="heun", mu0=0.95, loss="l2")
     c.distill.teacher_workdir = "runs/c10_vp"
-    c.consistency = load(os.path.join(here, "digits_cd.py")).consistency
-    c.consistency.update(dict(num_scales=18, solver="heun", mu0=0.95, loss="l2", sigma_data=0.5))
     c.optim.learning_rate = 4e-4
     c.optim.warmup_steps = 0
     c.optim.ema_decay = 0.9999
     c.training.batch_size = 512
     c.training.num_steps = 800_000
-    c.sample.method = "consistency"
-    c.sample.num_steps = 1
-    c.sample.grid = "trailing"
-    c.eval.num_examples = 0
     return c

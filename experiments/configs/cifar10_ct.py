@@ -10,15 +10,14 @@ target EMA, pseudo-Huber loss, lognormal noise sampling (P_mean = -1.1, P_std = 
 import os
 
 from diffjax.config import load
+from diffjax.training.task_consistency import consistency_config
 
 
 def get_config():
     here = os.path.dirname(os.path.abspath(__file__))
     c = load(os.path.join(here, "cifar10_ddpmpp_vp.py"))
-    c.task = "consistency_training"
-    c.consistency = load(os.path.join(here, "digits_cd.py")).consistency
-    c.consistency.update(dict(curriculum="ict", s0=10, s1=1280, target_ema=False, mu0=0.0, loss="pseudo_huber",
-                              noise_sampling="lognormal", weighting="ict", sigma_data=0.5))
+    consistency_config(c, "consistency_training", curriculum="ict", s0=10, s1=1280, target_ema=False, mu0=0.0,
+                       loss="pseudo_huber", noise_sampling="lognormal", weighting="ict")
     c.model.dropout = 0.3
     c.diffusion.prediction = "v"  # the network's type; the consistency parameterization reads its x0
     c.optim.learning_rate = 1e-4
@@ -26,8 +25,4 @@ def get_config():
     c.optim.ema_decay = 0.99993
     c.training.batch_size = 1024
     c.training.num_steps = 400_000
-    c.sample.method = "consistency"
-    c.sample.num_steps = 1
-    c.sample.grid = "trailing"
-    c.eval.num_examples = 0
     return c

@@ -12,21 +12,15 @@ pseudo-Huber loss, lognormal noise sampling over the discretisation (P_mean = -1
 import os
 
 from diffjax.config import load
+from diffjax.training.task_consistency import consistency_config
 
 
 def get_config():
-    here = os.path.dirname(os.path.abspath(__file__))
-    c = load(os.path.join(here, "digits.py"))
-    c.task = "consistency_training"
-    c.consistency = load(os.path.join(here, "digits_cd.py")).consistency  # the section's fields and defaults
-    c.consistency.update(dict(curriculum="ict", s0=10, s1=80, target_ema=False, loss="pseudo_huber",
-                              noise_sampling="lognormal", weighting="ict", mu0=0.0))
+    c = load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py"))
+    consistency_config(c, "consistency_training", curriculum="ict", s0=10, s1=80, target_ema=False, mu0=0.0,
+                       loss="pseudo_huber", noise_sampling="lognormal", weighting="ict")
     c.optim.learning_rate = 1e-3
     c.training.num_steps = 1500
     c.training.max_train_seconds = 720.0  # the digits task's 15-minute budget, sampling included
     c.training.checkpoint_every = 500
-    c.sample.method = "consistency"
-    c.sample.num_steps = 1
-    c.sample.grid = "trailing"
-    c.eval.num_examples = 0
     return c
