@@ -1,0 +1,42 @@
+"""2-rectified flow on digits: reflow of the 1-rectified flow of ``digits_flow.py`` (Liu et al. 2022 sec. 2.3).
+
+    python -m diffjax.main --config experiments/configs/digits_flow.py --workdir runs/fewstep/rf1
+    python -m diffjax.main --config experiments/configs/digits_reflow.py --workdir runs/fewstep/rf2
+
+(the teacher run and the couplings' directory are ``distill.teacher_workdir`` and ``reflow.couplings_dir``)
+
+The run first writes ``reflow.num_pairs`` couplings (z, x = ODE_1RF(z)), solved by the teacher with
+``reflow.method`` / ``reflow.num_steps`` (resumable shard by shard), then fine-tunes the teacher's weights on their
+interpolants with the flow objective. Sampled with a few Euler steps (``sample.num_steps``); ``diffjax.generate
+--num_steps`` overrides. ``--config.reflow.distill=True --config.sample.num_steps=1 --config.eval.num_examples=0``
+with a 2-RF run as the teacher gives Liu et al.'s distilled one-step model.
+"""
+
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from diffjax.config import load
+
+
+def get_config():
+    c = load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_flow.py"))
+    c.task = "reflow"
+    c.distill.teacher_workdir = "runs/fewstep/rf1"
+    c.reflow = r = ml_collections.ConfigDict()
+    r.couplings_dir = "runs/fewstep/rf2/couplings"
+    r.num_pairs = 20_000
+    r.shard_size = 2_000
+    r.batch_size = config_dict.placeholder(int)  # rows per teacher solve (None: shard_size)
+    r.seed = 0  # the couplings' noise
+    # the teacher's ODE solver: DPM-Solver++(2M) at 20 steps ends within ... of the adaptive solve
+    r.method = "dpm_solver++_2m"
+    r.num_steps = 20
+    r.t_start = config_dict.placeholder(float)  # None: the teacher schedule's t_max, where its sampler starts
+    r.options = ml_collections.ConfigDict()
+    r.distill = False
+    r.init = "teacher"  # fine-tune the 1-rectified flow (Liu et al.'s code: reflow.last_flow_ckpt)
+    c.training.num_steps = 1500
+    c.sample.num_steps = 2
+    return c
