@@ -20,10 +20,9 @@ from diffjax.samplers.ancestral import ddim_step
 from diffjax.schedules import broadcast_time
 from diffjax.testing.gmm import ring_mixture
 from diffjax.timesteps import make_grid
-from diffjax.training import make_train_step
-from diffjax.training.builders import ConfigError, build_optimizer, validate_config
-from diffjax.training.loop import setup, train
-from diffjax.training.task_progressive import TASK
+from diffjax.training.builders import ConfigError, validate_config
+from diffjax.training.loop import _train_step_for, setup, train
+from diffjax.training.task_progressive import TASK, progressive_config
 
 from test_training import toy_config
 
@@ -44,8 +43,8 @@ def test_target_makes_one_student_step_land_on_the_teachers_two(schedule):
     for dtype, tol in ((jnp.float64, 1e-12), (jnp.float32, 2e-5)):
         with jax.enable_x64(dtype == jnp.float64):
             teacher = make_denoiser(gmm.model_fn(schedule, "v"), schedule, "v")
-            key = jax.random.PRNGKey(0)
-            for n in (1, 2, 8, 512):
+            for n in (1, 8, 512):
+                key = jax.random.PRNGKey(n)
                 t, t_mid, t_end = pd.sample_student_times(key, 512, n, float(schedule.t_max))
                 x0, _ = gmm.sample(jax.random.fold_in(key, 1), 512)
                 x_t = schedule.marginal(x0.astype(dtype), t, jax.random.normal(key, (512, 2), dtype))
@@ -53,11 +52,11 @@ def test_target_makes_one_student_step_land_on_the_teachers_two(schedule):
                 target = pd.distillation_target(teacher, x_t, t, t_mid, t_end)
                 assert target.dtype == dtype
                 one = _one_student_step(schedule, x_t, t, target, t_end)
-                scale = float(jnp.max(jnp.abs(x_end))) + 1.0
-                assert float(jnp.max(jnp.abs(one - x_end))) <= tol * scale, (dtype, n)
-                # the target is not the teacher's own x0 prediction (it would take the student one DDIM step)
+                err = float(jnp.max(jnp.abs(one - x_end))) / (float(jnp.max(jnp.abs(x_end))) + 1.0)
+                assert err <= tol, (dtype, n, err)
+                # the target is not the teacher's own x0 prediction (which takes one DDIM step)
                 if n > 1:
-                    assert float(jnp.max(jnp.abs(target - teacher(x_t, t).x0))) > 1e-3
+                    assert float(jnp.max(jnp.abs(target - teacher(x_t, t).x0))) > 1e-3, (dtype, n)
 
 
 def test_target_at_t_zero_is_the_teachers_endpoint():
@@ -222,22 +221,13 @@ def test_mlp_student_matches_two_oracle_teacher_steps_in_one_stage_after_stage()
 
 
 def _student_config(teacher_dir, **over):
-    c = toy_config(8)
-    c.task = "progressive_distillation"
-    c.distill.teacher_workdir = str(teacher_dir)
-    import ml_collections
-
-    c.progressive = ml_collections.ConfigDict({"teacher_steps": 4, "num_stages": 2, "steps_per_stage": 4,
-                                               "weighting": "truncated_snr", "next_teacher": "ema"})
+    c = progressive_config(toy_config(), teacher_workdir=str(teacher_dir), teacher_steps=4, num_stages=2,
+                           steps_per_stage=4, learning_rate=3e-3)
     c.training.batch_size = 32
     c.training.log_every = 2
     c.training.checkpoint_every = 2
     c.training.max_to_keep = 4
-    c.optim.ema_decay = 0.0
-    c.optim.warmup_steps = 0
-    c.sample.method, c.sample.grid, c.sample.num_steps = "ddim", "trailing", 1
     c.sample.num_samples = 16
-    c.eval.num_examples = 0
     for k, v in over.items():
         section, name = k.split("__")
         c[section][name] = v
@@ -246,8 +236,12 @@ def _student_config(teacher_dir, **over):
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
+    """A teacher run's workdir: an MLP's checkpoint (the mechanics need no trained teacher; the oracle tests do)."""
     d = tmp_path_factory.mktemp("teacher")
-    train(toy_config(4), str(d), progress=False)
+    c = toy_config(4)
+    run = setup(c, str(d))
+    net = jax.tree.map(lambda p: p + 0.01 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), run.state.params)
+    run.checkpointer.save(run.state.replace(ema_params=net, step=jnp.asarray(4, jnp.int32)), config=c)
     return d
 
 
@@ -293,40 +287,31 @@ def test_teacher_mismatch_names_the_field(teacher_dir):
     setup(_student_config(teacher_dir, model__dropout=0.1), None)  # the student's dropout may differ
 
 
-def test_one_compiled_step_across_a_stage_boundary_swaps_the_teacher(teacher_dir):
-    c = _student_config(teacher_dir)
-    run = setup(c, None)
-    teacher_run = diffjax.load_run(str(teacher_dir))
-    chex.assert_trees_all_equal(run.state.params, teacher_run.params)  # the student starts as the teacher (EMA)
-    chex.assert_trees_all_equal(run.state.extra["teacher"], teacher_run.params)
-    step = make_train_step(TASK.build_loss(c, run.schedule, run.module), build_optimizer(c), ema_decay=0.0,
-                           shardings=run.shardings, mesh=run.mesh, donate=False)
-    state = run.state
-    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (32, 2)))
-    for i in range(6):
-        prev = state
-        state, m = step(state, {"x": x})
-        assert np.isfinite(m["loss"]).all()
-        if int(state.step) == 4:  # end of stage 0: the teacher is now the stage-0 student
-            chex.assert_trees_all_equal(state.extra["teacher"], state.ema_params)
-        else:
-            chex.assert_trees_all_equal(state.extra["teacher"], prev.extra["teacher"])
-    assert step._cache_size() == 1
-
-
-def test_resumed_run_continues_the_stages_exactly_and_stage_checkpoints_sample(teacher_dir, tmp_path):
+def test_one_compiled_step_serves_every_stage_resumes_exactly_and_stage_checkpoints_sample(teacher_dir, tmp_path):
     own_teacher = tmp_path / "teacher"
     shutil.copytree(teacher_dir, own_teacher)
     c = _student_config(own_teacher)
-    full, _ = train(c, str(tmp_path / "full"), progress=False)
+    start = setup(c, None)
+    teacher_params = diffjax.load_run(str(own_teacher)).params
+    chex.assert_trees_all_equal(start.state.params, teacher_params)  # the student starts as the teacher (EMA)
+    chex.assert_trees_all_equal(start.state.extra["teacher"], teacher_params)
+    full, summary = train(c, str(tmp_path / "full"), progress=False)
+    assert summary["steps"] == 8 and np.isfinite(summary["final_loss"])
+    assert _train_step_for(full)._cache_size() == 1  # 8 single-step calls across the stage end at step 4
     train(c, str(tmp_path / "resumed"), progress=False, stop_after=3)  # mid-stage 0
     resumed, _ = train(c, str(tmp_path / "resumed"), progress=False)
     chex.assert_trees_all_equal(full.state.params, resumed.state.params)
     chex.assert_trees_all_equal(full.state.extra, resumed.state.extra)
+    assert _train_step_for(resumed)._cache_size() == 1
     # stage-end checkpoints load without the teacher run, and sample with their own step counts by default
     shutil.rmtree(own_teacher)
-    for step, n in ((4, 2), (8, 1)):
+    for step, n in ((2, 2), (4, 2), (8, 1)):
         run = diffjax.load_run(str(tmp_path / "full"), step=step)
         assert run.default_num_steps == n
-        x, nfe = run.sample(16, return_nfe=True)
-        assert x.shape == (16, 2) and np.isfinite(x).all() and nfe == n
+        # the teacher is the original until the end of stage 0, then the stage-0 student (its EMA = its weights)
+        chex.assert_trees_all_equal(run.run.state.extra["teacher"], teacher_params if step == 2 else
+                                    diffjax.load_run(str(tmp_path / "full"), step=4).params)
+        if step == 8:
+            x, nfe = run.sample(16, return_nfe=True)
+            assert x.shape == (16, 2) and np.isfinite(x).all() and nfe == n
+    assert not np.array_equal(jax.tree.leaves(run.params)[0], jax.tree.leaves(teacher_params)[0])

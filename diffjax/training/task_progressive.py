@@ -31,10 +31,32 @@ from diffjax.training.builders import ConfigError, _fail
 from diffjax.training.step import ContextLoss
 from diffjax.training.tasks import _SAME_FIELDS, TaskSpec, check_teacher, load_teacher
 
-__all__ = ["TASK", "NEXT_TEACHER"]
+__all__ = ["TASK", "NEXT_TEACHER", "progressive_config"]
 
 NEXT_TEACHER = ("ema", "params")
 _FIELDS = ("teacher_steps", "num_stages", "steps_per_stage", "weighting", "next_teacher")
+
+
+def progressive_config(config, *, teacher_workdir: str, teacher_steps: int, num_stages: int, steps_per_stage: int,
+                       learning_rate: float, weighting: str = "truncated_snr", next_teacher: str = "ema"):
+    """``config`` (the teacher's) made a progressive-distillation run with the paper's distillation settings
+    (its ``config/*_distill.py``): dropout 0, EMA decay 0, no warm-up, gradient clipping at 1; ``training.num_steps``
+    = ``num_stages`` x ``steps_per_stage``, a kept checkpoint at every stage end; DDIM on the trailing grid with the
+    last student's steps; no PF-ODE NLL (the student is not the ODE's denoiser)."""
+    import ml_collections
+
+    config.task = "progressive_distillation"
+    config.distill.teacher_workdir = teacher_workdir
+    config.progressive = ml_collections.ConfigDict(dict(
+        teacher_steps=teacher_steps, num_stages=num_stages, steps_per_stage=steps_per_stage, weighting=weighting,
+        next_teacher=next_teacher))
+    config.model.dropout = 0.0
+    config.optim.update(learning_rate=learning_rate, warmup_steps=0, grad_clip=1.0, ema_decay=0.0)
+    config.training.update(num_steps=num_stages * steps_per_stage, checkpoint_every=steps_per_stage,
+                           max_to_keep=num_stages + 1)
+    config.sample.update(method="ddim", grid="trailing", num_steps=teacher_steps >> num_stages)
+    config.eval.num_examples = 0
+    return config
 
 
 def _section(config):

@@ -18,34 +18,15 @@ Checkpoint ``50_000 k`` is the student of 8192 / 2^k steps.
 
 import os
 
-import ml_collections
-
 from diffjax.config import load
+from diffjax.training.task_progressive import progressive_config
 
 
 def get_config():
     c = load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_ddpmpp_vp.py"))
-    c.task = "progressive_distillation"
-    c.distill.teacher_workdir = "runs/c10_v"
     c.diffusion.schedule = "vp_cosine"
     c.diffusion.prediction = c.diffusion.objective = "v"
-    c.progressive = p = ml_collections.ConfigDict()
-    p.teacher_steps = 8192
-    p.num_stages = 13
-    p.steps_per_stage = 50_000
-    p.weighting = "truncated_snr"
-    p.next_teacher = "ema"
-    c.model.dropout = 0.0
-    c.optim.learning_rate = 5e-5
-    c.optim.warmup_steps = 0
-    c.optim.grad_clip = 1.0
-    c.optim.ema_decay = 0.0
+    progressive_config(c, teacher_workdir="runs/c10_v", teacher_steps=8192, num_stages=13, steps_per_stage=50_000,
+                       learning_rate=5e-5)
     c.training.batch_size = 128
-    c.training.num_steps = p.num_stages * p.steps_per_stage
-    c.training.checkpoint_every = p.steps_per_stage
-    c.training.max_to_keep = p.num_stages + 1
-    c.sample.method = "ddim"
-    c.sample.grid = "trailing"
-    c.sample.num_steps = p.teacher_steps >> p.num_stages
-    c.eval.num_examples = 0
     return c
