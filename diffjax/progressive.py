@@ -26,7 +26,7 @@ from diffjax.parameterization import Denoiser, make_denoiser, to_x0_eps
 from diffjax.samplers.ancestral import ddim_step
 from diffjax.schedules import Schedule, broadcast_time
 
-__all__ = ["WEIGHTINGS", "trailing_time", "student_steps", "trained_steps", "sample_student_times",
+__all__ = ["WEIGHTINGS", "check_stages", "trailing_time", "student_steps", "trained_steps", "sample_student_times",
            "teacher_two_steps", "target_x0", "distillation_target", "loss_weight", "make_progressive_loss",
            "next_teacher"]
 
@@ -34,6 +34,18 @@ __all__ = ["WEIGHTINGS", "trailing_time", "student_steps", "trained_steps", "sam
 # ("x-MSE with truncated SNR"); "snr_plus_one" = SNR + 1, the v-MSE ||v_hat - v~||^2 on a variance-preserving
 # schedule (alpha^2 + sigma^2 = 1)
 WEIGHTINGS = ("truncated_snr", "snr_plus_one")
+
+
+def check_stages(teacher_steps: int, steps_per_stage: int, num_stages: int) -> None:
+    """ValueError naming the argument unless all are integers >= 1 and N_0 is a power of 2 >= 2^K (the last
+    student takes N_0 / 2^K >= 1 steps)."""
+    for name, v in (("teacher_steps", teacher_steps), ("steps_per_stage", steps_per_stage),
+                    ("num_stages", num_stages)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+    if teacher_steps & (teacher_steps - 1) or teacher_steps < 2**num_stages:
+        raise ValueError(f"teacher_steps must be a power of 2 >= 2 ** num_stages = {2**num_stages} (each stage "
+                         f"halves the steps); got {teacher_steps}")
 
 
 def trailing_time(k, num_steps, t_max: float):
@@ -111,13 +123,7 @@ def make_progressive_loss(student_fn: Callable, teacher_fn: Callable, schedule: 
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
-    for name, v in (("teacher_steps", teacher_steps), ("steps_per_stage", steps_per_stage),
-                    ("num_stages", num_stages)):
-        if not (isinstance(v, int) and v >= 1):
-            raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
-    if teacher_steps & (teacher_steps - 1) or teacher_steps < 2**num_stages:
-        raise ValueError(f"teacher_steps must be a power of 2 >= 2 ** num_stages = {2**num_stages}; "
-                         f"got {teacher_steps}")
+    check_stages(teacher_steps, steps_per_stage, num_stages)
     t_max = float(schedule.t_max)
 
     def loss_fn(params, teacher_params, batch, key, step):

@@ -155,7 +155,7 @@ def _oracle_distillation(stage_steps=300, width=64, pretrain_steps=300):
     oracle = gmm.model_fn(s, "v")
 
     def teacher_fn(tp, x, t, cond):  # tp["w"] = 1: the oracle; 0: the network
-        return tp["w"] * oracle(x, t) + (1.0 - tp["w"]) * apply(tp["net"], x, t)
+        return jax.lax.cond(tp["w"] > 0.5, lambda: oracle(x, t), lambda: apply(tp["net"], x, t))
 
     def student_fn(p, x, t, cond):
         return apply(p["net"], x, t)
@@ -183,24 +183,26 @@ def _oracle_distillation(stage_steps=300, width=64, pretrain_steps=300):
                                                              start + jnp.arange(per))
         return params, teacher_after, opt_state
 
+    @jax.jit
     def distances(params, teacher, n):
         """mean ||student one step - teacher two steps||^2 and ||teacher one step - its two steps||^2 on fresh x_t."""
-        key = jax.random.PRNGKey(100 + n)
-        t, t_mid, t_end = pd.sample_student_times(key, 4096, n, float(s.t_max))
-        x_t = s.marginal(gmm.sample(jax.random.fold_in(key, 1), 4096)[0], t, jax.random.normal(key, (4096, 2)))
+        key = jax.random.fold_in(jax.random.PRNGKey(100), n)
+        t, t_mid, t_end = pd.sample_student_times(key, 2048, n, float(s.t_max))
+        x_t = s.marginal(gmm.sample(jax.random.fold_in(key, 1), 2048)[0], t, jax.random.normal(key, (2048, 2)))
         tden = make_denoiser(jax.tree_util.Partial(teacher_fn, teacher), s, "v")
         two = pd.teacher_two_steps(tden, x_t, t, t_mid, t_end)
         sden = make_denoiser(jax.tree_util.Partial(student_fn, params), s, "v")
         one = ddim_step(s, sden(x_t, t), broadcast_time(t_end, x_t), broadcast_time(t, x_t))
         base = ddim_step(s, tden(x_t, t), broadcast_time(t_end, x_t), broadcast_time(t, x_t))
-        return float(jnp.mean(jnp.sum((one - two) ** 2, -1))), float(jnp.mean(jnp.sum((base - two) ** 2, -1)))
+        return jnp.mean(jnp.sum((one - two) ** 2, -1)), jnp.mean(jnp.sum((base - two) ** 2, -1))
 
     opt_state = opt.init(params)
     out = []
     for k in range(stages):
-        before = distances(params, teacher, 8 >> (k + 1))
+        n = 8 >> (k + 1)
+        before = tuple(map(float, distances(params, teacher, n)))
         params, teacher_next, opt_state = run_stage(params, teacher, opt_state, jnp.int32(k * per))
-        out.append((8 >> (k + 1), before, distances(params, teacher, 8 >> (k + 1))))
+        out.append((n, before, tuple(map(float, distances(params, teacher, n)))))
         teacher = teacher_next
     return out, run_stage
 

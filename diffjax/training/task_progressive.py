@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax import models as models_lib
-from diffjax.progressive import WEIGHTINGS, make_progressive_loss, next_teacher, trained_steps
+from diffjax.progressive import WEIGHTINGS, check_stages, make_progressive_loss, next_teacher, trained_steps
 from diffjax.training.builders import ConfigError, _fail
 from diffjax.training.step import ContextLoss
 from diffjax.training.tasks import _SAME_FIELDS, TaskSpec, check_teacher, load_teacher
@@ -77,14 +77,12 @@ def validate(config) -> None:
     for name in _FIELDS:
         if name not in p:
             _fail(f"progressive.{name}", "missing")
-    for name in ("teacher_steps", "num_stages", "steps_per_stage"):
-        v = p[name]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            _fail(f"progressive.{name}", f"must be an integer >= 1; got {v!r}")
+    try:
+        check_stages(**_schedule_args(config))
+    except ValueError as e:  # "<argument> must ..."
+        name, msg = str(e).split(" ", 1)
+        _fail(f"progressive.{name}", msg)
     n0, k, per_stage = p.teacher_steps, p.num_stages, p.steps_per_stage
-    if n0 & (n0 - 1) or n0 < 2**k:
-        _fail("progressive.teacher_steps", f"must be a power of 2 >= 2 ** num_stages = {2**k} (each stage halves "
-                                           f"the steps down to teacher_steps / 2 ** num_stages); got {n0}")
     if p.weighting not in WEIGHTINGS:
         _fail("progressive.weighting", f"must be one of {WEIGHTINGS}; got {p.weighting!r}")
     if p.next_teacher not in NEXT_TEACHER:
@@ -132,7 +130,7 @@ def init(config, schedule, module, params, restore_only: bool):
         raise ConfigError(f"config.diffusion.prediction: {config.diffusion.prediction!r} differs from the teacher's "
                           f"{teacher.prediction!r} (the student starts from the teacher's weights)")
     if jax.tree.structure(teacher.params) != jax.tree.structure(params):
-        raise ConfigError(f"config.distill.teacher_workdir: the teacher's parameters do not fit config.model")
+        raise ConfigError("config.distill.teacher_workdir: the teacher's parameters do not fit config.model")
     student = jax.tree.map(lambda a: jnp.array(a, copy=True), teacher.params)
     return student, {"teacher": jax.tree.map(lambda a: jnp.array(a, copy=True), teacher.params)}
 
