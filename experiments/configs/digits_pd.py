@@ -24,4 +24,7 @@ def get_config():
     progressive_config(c, teacher_workdir="runs/digits", teacher_steps=32, num_stages=5, steps_per_stage=240,
                        learning_rate=3e-4)
     c.training.log_every = 40
+    # the digits task's 15-minute budget (compilation included; sampling 1-step students takes seconds): a slower
+    # host ends the run early, at a checkpoint whose default step count is its stage's (sample_steps)
+    c.training.max_train_seconds = 810.0
     return c
