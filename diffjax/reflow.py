@@ -1,4 +1,4 @@
-"""Reflow (Liu et al. 2022, "Flow Straight and Fast"): couplings from a trained ODE, straightness, one-step distillation.
+"""Reflow (Liu et al. 2022, "Flow Straight and Fast"): couplings of a trained ODE, straightness, one-step distillation.
 
 A trained flow (or diffusion) model's probability-flow ODE maps noise z to a sample x; the pairs (z, x) are a
 *coupling* of noise and data. The k+1-rectified flow is a flow model trained by the flow-matching objective on
@@ -150,9 +150,9 @@ def _shard_complete(path: str, rows: int, shape, labelled: bool) -> bool:
 def missing_shards(directory: str, settings: dict) -> list[int]:
     """The shards of ``settings`` (``coupling_settings``) not yet complete in ``directory``."""
     labelled = settings["num_classes"] is not None
-    return [i for i in range(settings["num_shards"])
-            if not _shard_complete(shard_path(directory, i), _shard_rows(settings["num_pairs"], settings["shard_size"], i),
-                                   settings["shape"], labelled)]
+    rows = [_shard_rows(settings["num_pairs"], settings["shard_size"], i) for i in range(settings["num_shards"])]
+    return [i for i, n in enumerate(rows)
+            if not _shard_complete(shard_path(directory, i), n, settings["shape"], labelled)]
 
 
 def _local_mesh():
@@ -265,8 +265,8 @@ def coupling_batches(directory: str, *, global_batch_size: int, seed: int = 0, s
         raise FileNotFoundError(f"no couplings in {directory} (no {MANIFEST}); write them with generate_couplings")
     missing = missing_shards(directory, settings)
     if missing:
-        raise ValueError(f"couplings in {directory} are incomplete: shards {missing[:5]}{'...' if len(missing) > 5 else ''} "
-                         f"of {settings['num_shards']} missing; rerun generate_couplings (it resumes)")
+        raise ValueError(f"couplings in {directory} are incomplete: {len(missing)} of {settings['num_shards']} shards "
+                         f"missing (first {missing[0]}); rerun generate_couplings (it resumes)")
     for name, v, low in (("global_batch_size", global_batch_size, 1), ("process_count", process_count, 1),
                          ("seed", seed, 0), ("start_step", start_step, 0)):
         if not (isinstance(v, (int, np.integer)) and v >= low):

@@ -47,7 +47,8 @@ def validate(config) -> None:
     """Reject a reflow config naming the field (no I/O)."""
     d = config.diffusion
     if d.schedule != "rectified_flow":
-        _fail("diffusion.schedule", f"task 'reflow' trains a rectified flow: must be 'rectified_flow'; got {d.schedule!r}")
+        _fail("diffusion.schedule", f"task 'reflow' trains a rectified flow: must be 'rectified_flow'; "
+                                    f"got {d.schedule!r}")
     if d.prediction != "flow":
         _fail("diffusion.prediction", f"task 'reflow' trains a velocity field: must be 'flow'; got {d.prediction!r}")
     if d.objective != "flow":
@@ -119,8 +120,9 @@ def ensure_couplings(config, process_index: int, process_count: int) -> dict:
                           f"distilled model, not an ODE")
     student_std = float(_student_schedule(config).prior_std)
     if abs(float(teacher.schedule.prior_std) - student_std) > 1e-6:
-        raise ConfigError(f"config.distill.teacher_workdir: the teacher's prior N(0, {float(teacher.schedule.prior_std)}^2) "
-                          f"is not the rectified flow's N(0, {student_std}^2): its noise cannot be the student's z")
+        raise ConfigError(f"config.distill.teacher_workdir: the teacher's prior N(0, "
+                          f"{float(teacher.schedule.prior_std)}^2) is not the rectified flow's N(0, {student_std}^2): "
+                          f"its noise cannot be the student's z")
     if teacher.config.model.get("num_classes") != config.model.get("num_classes"):
         raise ConfigError(f"config.model.num_classes: {config.model.get('num_classes')!r} differs from the teacher's "
                           f"{teacher.config.model.get('num_classes')!r} (the couplings carry the teacher's labels)")
