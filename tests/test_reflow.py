@@ -328,18 +328,13 @@ def _toy_flow_config(num_steps):
 def test_reflow_task_trains_from_its_teacher_on_couplings_it_writes(tmp_path):
     """1-RF (task diffusion, flow objective) -> 2-RF (task reflow): couplings written at the start, the student
     initialised from the teacher, resumed without regenerating, loaded and sampled; validation names fields."""
-    import ml_collections
-
     from diffjax.training.builders import ConfigError, validate_config
     from diffjax.training.loop import setup, train
+    from diffjax.training.task_reflow import reflow_config
 
     train(_toy_flow_config(10), str(tmp_path / "rf1"), progress=False)
-    c = _toy_flow_config(10)
-    c.task = "reflow"
-    c.distill.teacher_workdir = str(tmp_path / "rf1")
-    c.reflow = ml_collections.ConfigDict(dict(couplings_dir=str(tmp_path / "pairs"), num_pairs=200, shard_size=100,
-                                              batch_size=None, seed=0, method="heun", num_steps=4, t_start=None,
-                                              options={}, distill=False, init="teacher"))
+    c = reflow_config(_toy_flow_config(10), teacher_workdir=str(tmp_path / "rf1"),
+                      couplings_dir=str(tmp_path / "pairs"), num_pairs=200, shard_size=100, num_steps=4)
     run = setup(c, None)  # initialised from the teacher's EMA weights
     chex.assert_trees_all_close(run.state.params, diffjax.load_run(str(tmp_path / "rf1")).params)
     train(c, str(tmp_path / "rf2"), progress=False)

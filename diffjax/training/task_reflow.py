@@ -32,9 +32,36 @@ from diffjax.samplers import METHODS, SAMPLERS
 from diffjax.training.builders import ConfigError, _fail, denoiser_loss_kwargs, with_dropout_key
 from diffjax.training.tasks import _SAME_FIELDS, TaskSpec, load_teacher
 
-__all__ = ["TASK", "INITS", "ensure_couplings", "couplings_settings"]
+__all__ = ["TASK", "INITS", "reflow_config", "ensure_couplings", "couplings_settings"]
 
 INITS = ("teacher", "scratch")
+
+
+def reflow_config(config, *, teacher_workdir: str, couplings_dir: str, **fields):
+    """``config`` made a reflow run (in place, returned): task "reflow", the teacher, and ``config.reflow`` (its one
+    definition) with ``fields`` replacing the defaults."""
+    import ml_collections
+    from ml_collections import config_dict
+
+    config.task = "reflow"
+    config.distill.teacher_workdir = teacher_workdir
+    r = ml_collections.ConfigDict()
+    r.couplings_dir = couplings_dir
+    r.num_pairs = 100_000
+    r.shard_size = 10_000
+    r.batch_size = config_dict.placeholder(int)  # rows per teacher solve (None: shard_size)
+    r.seed = 0  # the couplings' noise
+    r.method, r.num_steps = "heun", 10  # the teacher's ODE solver (diffjax.sample)
+    r.t_start = config_dict.placeholder(float)  # None: the teacher schedule's t_max, where its sampler starts
+    r.options = ml_collections.ConfigDict()  # more diffjax.sample options of the teacher's solver
+    r.distill = False
+    r.init = "teacher"  # fine-tune the teacher (Liu et al.'s code: reflow.last_flow_ckpt)
+    unknown = sorted(set(fields) - set(r.keys()))
+    if unknown:
+        raise KeyError(f"config.reflow has no field(s) {unknown}; fields: {sorted(r.keys())}")
+    r.update(fields)
+    config.reflow = r
+    return config
 
 
 def _int(r, name, low):

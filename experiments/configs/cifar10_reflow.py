@@ -16,28 +16,15 @@ One-step distillation (their ``reflow_distill_k=1``, with L2 instead of their LP
 
 import os
 
-import ml_collections
-from ml_collections import config_dict
-
 from diffjax.config import load
+from diffjax.training.task_reflow import reflow_config
 
 
 def get_config():
     c = load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_flow.py"))
-    c.task = "reflow"
-    c.distill.teacher_workdir = "runs/c10_rf1"
-    c.reflow = r = ml_collections.ConfigDict()
-    r.couplings_dir = "runs/c10_rf2/couplings"
-    r.num_pairs = 4_000_000
-    r.shard_size = 10_000
-    r.batch_size = 1_000
-    r.seed = 0
-    r.method = "pf_ode"  # Tsit5, rtol = atol = 1e-5
-    r.num_steps = 1  # unused by the adaptive solver
-    r.t_start = config_dict.placeholder(float)
-    r.options = ml_collections.ConfigDict()
-    r.distill = False
-    r.init = "teacher"
+    # the adaptive PF-ODE: Tsit5 at rtol = atol = 1e-5 (num_steps is unused)
+    reflow_config(c, teacher_workdir="runs/c10_rf1", couplings_dir="runs/c10_rf2/couplings", num_pairs=4_000_000,
+                  shard_size=10_000, batch_size=1_000, method="pf_ode", num_steps=1)
     c.optim.ema_decay = 0.9999
     c.training.num_steps = 300_000
     c.sample.method = "euler"

@@ -14,31 +14,17 @@ with a 2-RF run as the teacher gives Liu et al.'s distilled one-step model.
 
 import os
 
-import ml_collections
-from ml_collections import config_dict
-
 from diffjax.config import load
+from diffjax.training.task_reflow import reflow_config
 
 
 def get_config():
     c = load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_flow.py"))
-    c.task = "reflow"
-    c.distill.teacher_workdir = "runs/fewstep/rf1"
-    c.reflow = r = ml_collections.ConfigDict()
-    r.couplings_dir = "runs/fewstep/rf2/couplings"
-    r.num_pairs = 8_000
-    r.shard_size = 2_000
-    r.batch_size = config_dict.placeholder(int)  # rows per teacher solve (None: shard_size)
-    r.seed = 0  # the couplings' noise
-    # the teacher's ODE solver: on a 500-step 1-RF, Heun at 10 steps (19 NFE) ends 0.012 RMS (pixels in [-1, 1])
-    # from the adaptive Tsit5 solve (rtol = atol = 1e-5, 470 NFE); Euler at 20 NFE 0.026, DPM-Solver++(2M) at
-    # 10 / 20 steps 0.069 / 0.027
-    r.method = "heun"
-    r.num_steps = 10
-    r.t_start = config_dict.placeholder(float)  # None: the teacher schedule's t_max, where its sampler starts
-    r.options = ml_collections.ConfigDict()
-    r.distill = False
-    r.init = "teacher"  # fine-tune the 1-rectified flow (Liu et al.'s code: reflow.last_flow_ckpt)
+    # the teacher's ODE solver, Heun at 10 steps (19 NFE): on a 500-step 1-RF it ends 0.012 RMS (pixels in
+    # [-1, 1]) from the adaptive Tsit5 solve (rtol = atol = 1e-5, 470 NFE); Euler at 20 NFE 0.026,
+    # DPM-Solver++(2M) at 10 / 20 steps 0.069 / 0.027
+    reflow_config(c, teacher_workdir="runs/fewstep/rf1", couplings_dir="runs/fewstep/rf2/couplings",
+                  num_pairs=8_000, shard_size=2_000, method="heun", num_steps=10)
     # t uniform (Liu et al.): a few-step sampler evaluates the 2-RF at t near 1, which logit-normal times
     # (digits_flow.py) almost never train
     c.diffusion.time_sampling = "uniform"
