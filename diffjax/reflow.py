@@ -4,7 +4,7 @@ A trained flow (or diffusion) model's probability-flow ODE maps noise z to a sam
 *coupling* of noise and data. The k+1-rectified flow is a flow model trained by the flow-matching objective on
 the linear interpolants x_t = (1 - t) x + t z of these pairs (``diffjax.losses`` objective "flow" with
 ``batch["noise"] = z``, Liu et al. eq. 1 with (X_0, X_1) = (z, x)); its trajectories are straighter, so few Euler
-steps suffice (Liu et al. Thm. 3.7). Liu et al.'s time runs from noise (t = 0) to data (t = 1); here, as on every
+steps suffice (Liu et al. sec. 3). Liu et al.'s time runs from noise (t = 0) to data (t = 1); here, as on every
 ``diffjax`` schedule, t = 1 is the noise and t = 0 the data.
 
 * ``generate_couplings``: solve the model's ODE from noise (any ``diffjax.sample`` method) and write the pairs in
@@ -17,7 +17,7 @@ steps suffice (Liu et al. Thm. 3.7). Liu et al.'s time runs from noise (t = 0) t
   is a pure function of (seed, s), so a resumed run reads what an uninterrupted one would, and process p reads its
   slice.
 * ``straightness``: S(Z) = int_0^1 E||(Z_1 - Z_0) - dZ_t/dt||^2 dt of a model's ODE trajectories (Liu et al.
-  sec. 2.2, Definition 2.2), on a fine Euler grid.
+  sec. 2.2), on a fine Euler grid.
 * ``make_distill_loss``: one-step distillation on the couplings (Liu et al. sec. 2.3): the network's one Euler
   step from the noise, x_hat = z - t v(z, t) at the sampler's first time t, regressed on x.
 """
@@ -331,8 +331,8 @@ def _euler_straightness(denoiser, z, ts, cond):
 
 def straightness(model, schedule: Optional[Schedule], z, *, num_steps: int = 100, prediction: Optional[str] = None,
                  cond=None, t_start: Optional[float] = None, t_end: float = 0.0) -> Straightness:
-    """S(Z) = int_0^1 E||(Z_1 - Z_0) - dZ_s/ds||^2 ds of the ODE trajectories from noise ``z`` (Liu et al. sec. 2.2,
-    Def. 2.2), s = (t_start - t) / (t_start - t_end), on a uniform Euler grid of ``num_steps`` in t.
+    """S(Z) = int_0^1 E||(Z_1 - Z_0) - dZ_s/ds||^2 ds of the ODE trajectories from noise ``z`` (Liu et al. sec. 2.2),
+    s = (t_start - t) / (t_start - t_end), on a uniform Euler grid of ``num_steps`` in t.
 
     Zero exactly when every trajectory is a straight line traversed at constant speed. ``model``: a ``Denoiser``
     or ``model_fn`` with its ``prediction`` (any schedule: the ODE's velocity is ``diffjax.sde.pf_ode_drift``);
@@ -355,7 +355,7 @@ def straightness(model, schedule: Optional[Schedule], z, *, num_steps: int = 100
 
 def make_distill_loss(model_fn: Callable, schedule: Schedule, *, prediction: str = "flow",
                       t_start: Optional[float] = None, reduce: str = "mean"):
-    """``loss_fn(params, batch, key)`` of one-step distillation on couplings (Liu et al. sec. 2.3, eq. 8 with k = 1):
+    """``loss_fn(params, batch, key)`` of one-step distillation on couplings (Liu et al. sec. 2.3):
     E||x - x_hat(z)||^2, x_hat the network's x_0 estimate at (z, t_start), i.e. its one Euler step to t = 0
     (x_hat = z - t v for a flow model on ``RectifiedFlow``), which ``diffjax.sample`` with ``num_steps=1`` returns.
 
