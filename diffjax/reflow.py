@@ -165,6 +165,20 @@ def _local_mesh():
     return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def _replicated_on(mesh, tree):
+    """``tree``'s arrays as replicated copies on ``mesh`` (a teacher loaded on a multi-host mesh holds the whole of
+    each replicated parameter in every process: its first addressable shard)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    def put(a):
+        if not isinstance(a, jax.Array):
+            return a
+        return jax.device_put(a if a.is_fully_addressable else a.addressable_data(0), NamedSharding(mesh, P()))
+
+    return jax.tree.map(put, tree)
+
+
 def generate_couplings(model, schedule: Optional[Schedule], directory: str, *, num_pairs: int, shape,
                        shard_size: int = 1000, batch_size: Optional[int] = None, seed: int = 0, method: str = "heun",
                        num_steps: int = 50, prediction: Optional[str] = None, num_classes: Optional[int] = None,
@@ -178,7 +192,8 @@ def generate_couplings(model, schedule: Optional[Schedule], directory: str, *, n
     ``t_start`` (default ``schedule.t_max``). ``num_classes``: the model is class-conditional; each pair gets a
     uniform label. ``batch_size`` (default ``shard_size``): rows per solve, split over ``mesh`` (default: this
     process's devices; it must hold only them). ``process_index`` / ``process_count`` (default JAX's): this
-    process writes shards i with i mod process_count == process_index. ``metadata``: recorded in the manifest
+    process writes shards i with i mod process_count == process_index; the model's arrays (replicated, as a
+    ``load_run`` teacher's are) are copied onto ``mesh``. ``metadata``: recorded in the manifest
     (e.g. the teacher run). Returns the settings, the shards written and skipped, NFE per sample and seconds.
     """
     from diffjax.samplers import sample
@@ -197,7 +212,7 @@ def generate_couplings(model, schedule: Optional[Schedule], directory: str, *, n
     mesh = _local_mesh() if mesh is None else mesh
     if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
         raise ValueError("mesh must hold only this process's devices: each process solves its own shards")
-    denoiser = as_denoiser(model, schedule, prediction)
+    denoiser = _replicated_on(mesh, as_denoiser(model, schedule, prediction))
     os.makedirs(directory, exist_ok=True)
     _check_manifest(directory, settings, metadata)
     todo = [i for i in missing_shards(directory, settings) if i % process_count == process_index]
