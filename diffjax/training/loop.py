@@ -53,7 +53,9 @@ class Run:
     shardings: Any
     state: TrainState
     checkpointer: Optional[Checkpointer]
-    apply_eval: Any  # model_fn(params, x, t, cond) in eval mode, one object per run (compiled loops reuse it)
+    # model_fn(params, x, t, cond) in eval mode (TaskSpec.eval_apply of the network), one object per run (compiled
+    # loops reuse it)
+    apply_eval: Any
 
 
 def setup(config, workdir: Optional[str] = None, restore: bool = True, step: Optional[int] = None,
@@ -81,8 +83,10 @@ def setup(config, workdir: Optional[str] = None, restore: bool = True, step: Opt
     state = shard_state(state, shardings)
     if restoring:
         state = ckpt.restore(state, step)
-    return Run(config, spec, module, schedule, mesh, shardings, state, ckpt,
-               models_lib.make_model_fn(module, train=False))
+    apply_eval = models_lib.make_model_fn(module, train=False)
+    if task.eval_apply is not None:
+        apply_eval = task.eval_apply(config, schedule, apply_eval)
+    return Run(config, spec, module, schedule, mesh, shardings, state, ckpt, apply_eval)
 
 
 class _StopRequested:

@@ -202,6 +202,6 @@ def eval_apply(config, schedule, apply):
 
 
 DISTILLATION_TASK = TaskSpec(build_loss=lambda c, s, m: _loss(c, s, m, True), validate=lambda c: _validate(c, True),
-                             init=_init_cd, samples=True, nll=False)
+                             init=_init_cd, samples=True, nll=False, eval_apply=eval_apply)
 TRAINING_TASK = TaskSpec(build_loss=lambda c, s, m: _loss(c, s, m, False), validate=lambda c: _validate(c, False),
-                         init=_init_ct, samples=True, nll=False)
+                         init=_init_ct, samples=True, nll=False, eval_apply=eval_apply)

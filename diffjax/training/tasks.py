@@ -41,6 +41,9 @@ class TaskSpec:
     distilled student, whose network is not the ODE's denoiser).
     ``sample_steps(config, step)``: the sampler steps the run's checkpoint at ``step`` is sampled with by
     default (a progressive-distillation student halves them stage by stage; None: ``config.sample.num_steps``).
+    ``eval_apply(config, schedule, apply) -> apply``: what the run samples and evaluates, made from its network's
+    eval-mode ``apply(params, x, t, cond)`` (a consistency model's f, as a prediction of
+    ``config.diffusion.prediction``'s type); None: the network itself.
     """
 
     build_loss: Callable
@@ -50,6 +53,7 @@ class TaskSpec:
     samples: bool = True
     nll: bool = True
     sample_steps: Optional[Callable] = None
+    eval_apply: Optional[Callable] = None
 
 
 # task name -> (module, attribute) of its TaskSpec; imported when the task is used
