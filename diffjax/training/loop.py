@@ -445,8 +445,9 @@ def _sample_figure(run: Run, key, path: str, writer=None) -> dict:
     num_classes = config.model.get("num_classes")
     cond = np.arange(n, dtype=np.int32) % num_classes if num_classes else None
     t0 = time.perf_counter()
-    x, nfe = generate(run, method=config.sample.method, num_steps=config.sample.num_steps, num_samples=n,
-                      key=key, cond=cond)
+    steps = get_task(config.get("task", "diffusion")).sample_steps
+    num_steps = config.sample.num_steps if steps is None else int(steps(config, int(jax.device_get(run.state.step))))
+    x, nfe = generate(run, method=config.sample.method, num_steps=num_steps, num_samples=n, key=key, cond=cond)
     out = {"sample_method": config.sample.method, "sample_nfe": int(nfe), "sample_seconds": time.perf_counter() - t0}
     if jax.process_index() == 0:
         from diffjax.training import plots
