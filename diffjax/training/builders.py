@@ -237,7 +237,7 @@ def with_dropout_key(module, make_loss_of_model, strip_labels: bool):
     def loss_fn(params, batch, key):
         k_loss, k_drop = jax.random.split(key)
         if strip_labels:
-            batch = {"x": batch["x"]}
+            batch = {k: v for k, v in batch.items() if k != "label"}
 
         def model_fn(p, x, t, cond):
             return apply(p, x, t, cond, rng=k_drop)

@@ -177,14 +177,8 @@ def _build_loss(config, schedule, module):
         make = functools.partial(reflow.make_distill_loss, schedule=schedule, prediction=config.diffusion.prediction)
     else:
         make = functools.partial(make_loss, schedule=schedule, **denoiser_loss_kwargs(config))
-    loss_fn = with_dropout_key(module, make, strip_labels=False)
-    if config.model.get("num_classes"):
-        return loss_fn
-
-    def unconditional(params, batch, key):  # the couplings' labels (if any) are not the model's input
-        return loss_fn(params, {k: v for k, v in batch.items() if k != "label"}, key)
-
-    return unconditional
+    # an unconditional model does not see the couplings' labels (if any)
+    return with_dropout_key(module, make, strip_labels=not config.model.get("num_classes"))
 
 
 def _init(config, schedule, module, params, restore_only):
