@@ -1,4 +1,4 @@
-"""Flax networks, seen by the rest of diffjax only as ``model_fn(params, x, t, cond) -> prediction``.
+"""Flax networks (U-Net, DiT, MLP, classifier), seen by the rest of diffjax only as ``model_fn(params, x, t, cond)``.
 
 ``create_model(name, **fields)`` builds a module from the registry ``MODELS`` (every model takes
 ``kernels="auto"|"xla"|"cpu"`` and ``dtype=None|"float32"|"bfloat16"``, see ``diffjax.models.ops``);
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from diffjax.models.embeddings import ClassEmbedding, TimeEmbedding, fourier_embedding, sinusoidal_embedding
 from diffjax.models.classifier import EncoderClassifier
+from diffjax.models.dit import DIT_CONFIGS, DiT, dit_fields
 from diffjax.models.mlp import MLP
 from diffjax.models.ops import KERNELS, Conv, Dropout, GroupNorm, QKVAttention, resolve_kernels
 from diffjax.models.unet import UNet
@@ -25,6 +26,9 @@ from diffjax.models.unet import UNet
 __all__ = [
     "MODELS",
     "UNet",
+    "DiT",
+    "DIT_CONFIGS",
+    "dit_fields",
     "MLP",
     "EncoderClassifier",
     "KERNELS",
@@ -43,7 +47,7 @@ __all__ = [
     "count_params",
 ]
 
-MODELS = {"unet": UNet, "mlp": MLP, "classifier": EncoderClassifier}
+MODELS = {"unet": UNet, "dit": DiT, "mlp": MLP, "classifier": EncoderClassifier}
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
