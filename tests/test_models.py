@@ -333,10 +333,12 @@ def test_mlp_bad_fields_and_inputs():
 
 
 def test_registry_and_helpers():
-    assert MODELS == {"unet": UNet, "mlp": MLP, "classifier": EncoderClassifier}
+    from diffjax.models import DiT
+
+    assert MODELS == {"unet": UNet, "dit": DiT, "mlp": MLP, "classifier": EncoderClassifier}
     assert isinstance(create_model("mlp", width=8, depth=1), MLP)
-    with pytest.raises(ValueError, match=r"'dit'.*\['classifier', 'mlp', 'unet'\]"):
-        create_model("dit")
+    with pytest.raises(ValueError, match=r"'vae'.*\['classifier', 'dit', 'mlp', 'unet'\]"):
+        create_model("vae")
 
 
 def test_init_and_model_fn_errors(mlp):
