@@ -250,15 +250,16 @@ def train_batches(config, start_step: int):
 
 
 _STEP_CACHE: dict = {}
-_TASK_SECTIONS = ("distill", "progressive", "consistency", "reflow")  # task fields a step's program may depend on
+# config sections that cannot change a train step's program (the fields of training it reads are keyed below)
+_NOT_IN_STEP = ("training", "eval", "sample", "distributed", "data", "seed")
 
 
 def _train_step_for(run: Run):
     """The jitted step for this run's config, shared by runs whose step is the same (resumes, tests, sweeps)."""
     c = run.config
     # build_loss is part of the key so a replaced loss builder (tests patch one in) never reuses a step
-    key = (json.dumps({k: c[k].to_dict() for k in ("model", "diffusion", "optim", *_TASK_SECTIONS) if k in c},
-                      sort_keys=True, default=str),
+    # every other section (model, diffusion, optim and any task's own, e.g. config.progressive) is part of the key
+    key = (json.dumps({k: v for k, v in c.to_dict().items() if k not in _NOT_IN_STEP}, sort_keys=True, default=str),
            c.get("task", "diffusion"),
            c.data.dataset, c.training.steps_per_call, c.training.get("grad_accum_steps", 1),
            c.training.fsdp_min_size, run.mesh, build_loss)
