@@ -21,11 +21,11 @@ import numpy as np
 from diffjax.consistency import consistency_sample
 from diffjax.parameterization import Denoiser, as_denoiser, check_prediction
 from diffjax.samplers.ancestral import ddim, ddpm, nfe_stats
-from diffjax.samplers.dpm_solver import dpm_solver, extrapolate_x0
+from diffjax.samplers.dpm_solver import check_dpm_adaptive, dpm_adaptive, dpm_solver, extrapolate_x0
 from diffjax.samplers.ode import ODE_SOLVERS, is_adaptive, pf_ode
 from diffjax.samplers.sde import euler_maruyama, predictor_corrector
 from diffjax.schedules import DiscreteDDPM, Schedule, check_time
-from diffjax.timesteps import GRIDS, SUBSEQUENCE_GRIDS, check_grid, discrete_subsequence, make_grid
+from diffjax.timesteps import check_grid, discrete_subsequence, make_grid, parse_grid
 
 __all__ = ["SAMPLERS", "METHODS", "SamplerSpec", "sample"]
 
@@ -112,6 +112,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpm_solver++_3m": SamplerSpec(_dpm(3, True), _never, "logSNR", log_snr_steps=True, extrapolates=True),
     # multistep consistency sampling (Song et al. 2023 Alg. 1) of a consistency model read as an x0 model_fn
     "consistency": SamplerSpec(consistency_sample, _always, "trailing", frozenset({"sigma_min"})),
+    # adaptive DPM-Solver-12 / -23 (Lu et al. 2022 sec. 4.2): the solver picks its steps in lambda
+    "dpm_adaptive": SamplerSpec(dpm_adaptive, _never, "logSNR", frozenset({"order", "rtol", "atol", "h_init", "max_steps"}),
+                                check_dpm_adaptive, log_snr_steps=True, adaptive=_always),
 }
 
 METHODS = tuple(SAMPLERS)  # the method names
@@ -127,17 +130,13 @@ def _grid(schedule, spec, num_steps, t_start, t_end, grid, options, clean_end):
     if grid is None:
         chain_end = spec.chain_grid is not None and isinstance(schedule, DiscreteDDPM) and t_end == 0.0
         grid = spec.chain_grid if chain_end else spec.grid
-    if isinstance(grid, str) and grid.startswith("ddim_"):
+    name, grid_options = parse_grid(grid)
+    if name.startswith("ddim_"):
         if not isinstance(schedule, DiscreteDDPM):
             raise ValueError(f"grid {grid!r} needs a DiscreteDDPM schedule")
         # the sub-sequence fixes its own first time (x_T is at ts[0], as in DDIM) and ends at t = 0
-        return discrete_subsequence(schedule, num_steps, grid[len("ddim_"):])
-    if isinstance(grid, str) and grid not in GRIDS:
-        raise ValueError(
-            f"grid must be one of {GRIDS + SUBSEQUENCE_GRIDS} or an array; "
-            f"got {grid!r}"
-        )
-    if clean_end and grid == "trailing":
+        return discrete_subsequence(schedule, num_steps, name[len("ddim_"):], **grid_options)
+    if clean_end and name == "trailing":
         return make_grid(schedule, t_start, 0.0, num_steps, grid)  # the last interval is the step to t = 0
     if clean_end:
         # lay num_steps - 1 intervals down to t_min, then the exact step to t = 0
