@@ -15,11 +15,13 @@ from typing import Callable, ClassVar
 import diffrax
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 
 from diffjax.samplers.ancestral import ddim_step, nfe_stats
-from diffjax.schedules import Schedule
+from diffjax.schedules import Schedule, _is_concrete
 
-__all__ = ["DPMSolver", "DPMSolverPPMultistep", "dpm_solver", "extrapolate_x0", "denoiser_term"]
+__all__ = ["DPMSolver", "DPMSolverAdaptive", "DPMSolverPPMultistep", "dpm_solver", "dpm_adaptive",
+           "check_dpm_adaptive", "extrapolate_x0", "denoiser_term"]
 
 _RESULTS = diffrax.RESULTS
 
@@ -69,6 +71,37 @@ class _LambdaSolver(diffrax.AbstractSolver):
         return y1, None, dict(y0=y0, y1=y1), state, _RESULTS.successful
 
 
+def _singlestep(sched, terms, args, x, lam_s, lam_t, order):
+    """One singlestep DPM-Solver-``order`` step and its embedded lower-order solution: (x_high, x_low).
+
+    order 1: DDIM (x_low is None); order 2: r1 = 1/2, x_low = DDIM; order 3: r1, r2 = 1/3, 2/3 and
+    x_low = DPM-Solver-2 with r1 = 1/3 on the same evaluations (Lu et al. 2022 Alg. 1-2 and 4).
+    """
+    h = lam_t - lam_s
+    d_s = terms.vf(lam_s, x, args)
+    x_t_1 = _first_order(sched, d_s, lam_s, lam_t)
+    if order == 1:
+        return x_t_1, None
+    sig_t = sched.sigma(sched.t_from_log_snr(lam_t))
+    phi_1 = jnp.expm1(h)  # e^h - 1
+    r1 = 0.5 if order == 2 else 1.0 / 3.0
+    lam_1 = lam_s + r1 * h
+    u1 = _first_order(sched, d_s, lam_s, lam_1)
+    d1 = terms.vf(lam_1, u1, args).eps - d_s.eps
+    # DPM-Solver-2 (Alg. 1): x_t = DDIM - sigma_t / (2 r1) (e^h - 1) D1
+    x_t_2 = x_t_1 - sig_t / (2 * r1) * phi_1 * d1
+    if order == 2:
+        return x_t_2, x_t_1
+    r2 = 2.0 / 3.0
+    lam_2 = lam_s + r2 * h
+    sig_2 = sched.sigma(sched.t_from_log_snr(lam_2))
+    phi_12 = jnp.expm1(r2 * h)
+    u2 = _first_order(sched, d_s, lam_s, lam_2) - sig_2 * (r2 / r1) * (phi_12 / (r2 * h) - 1.0) * d1
+    d2 = terms.vf(lam_2, u2, args).eps - d_s.eps
+    # DPM-Solver-3 (Alg. 2): x_t = DDIM - sigma_t / r2 ((e^h - 1)/h - 1) D2
+    return x_t_1 - sig_t / r2 * (phi_1 / h - 1.0) * d2, x_t_2
+
+
 class DPMSolver(_LambdaSolver):
     """Singlestep DPM-Solver-k, k = 1, 2, 3, noise prediction (Lu et al. 2022 Alg. 1-2, r1, r2 = 1/3, 2/3).
 
@@ -88,35 +121,37 @@ class DPMSolver(_LambdaSolver):
         return None
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        sched = self.schedule
-        lam_s, lam_t = t0, t1
-        h = lam_t - lam_s
-        x = y0
-        d_s = terms.vf(lam_s, x, args)
-        x_t_1 = _first_order(sched, d_s, lam_s, lam_t)
-        if self.solver_order == 1:
-            return self._done(y0, x_t_1, solver_state)
+        y1, _ = _singlestep(self.schedule, terms, args, y0, t0, t1, self.solver_order)
+        return self._done(y0, y1, solver_state)
 
-        sig_t = sched.sigma(sched.t_from_log_snr(lam_t))
-        phi_1 = jnp.expm1(h)  # e^h - 1
-        if self.solver_order == 2:
-            r1 = 0.5
-            lam_1 = lam_s + r1 * h
-            u = _first_order(sched, d_s, lam_s, lam_1)
-            d1 = terms.vf(lam_1, u, args).eps - d_s.eps
-            # DPM-Solver-2 (Alg. 1): - sigma_t / (2 r1) (e^h - 1) D1
-            return self._done(y0, x_t_1 - sig_t / (2 * r1) * phi_1 * d1, solver_state)
 
-        r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-        lam_1, lam_2 = lam_s + r1 * h, lam_s + r2 * h
-        u1 = _first_order(sched, d_s, lam_s, lam_1)
-        d1 = terms.vf(lam_1, u1, args).eps - d_s.eps
-        sig_2 = sched.sigma(sched.t_from_log_snr(lam_2))
-        phi_12 = jnp.expm1(r2 * h)
-        u2 = _first_order(sched, d_s, lam_s, lam_2) - sig_2 * (r2 / r1) * (phi_12 / (r2 * h) - 1.0) * d1
-        d2 = terms.vf(lam_2, u2, args).eps - d_s.eps
-        # DPM-Solver-3 (Alg. 2): - sigma_t / r2 ((e^h - 1)/h - 1) D2
-        return self._done(y0, x_t_1 - sig_t / r2 * (phi_1 / h - 1.0) * d2, solver_state)
+class DPMSolverAdaptive(_LambdaSolver):
+    """DPM-Solver-12 (order 2) / DPM-Solver-23 (order 3) with an embedded error estimate (Lu et al. 2022 sec. 4.2, Alg. 4).
+
+    Each step makes ``solver_order`` evaluations and returns the DPM-Solver-k solution with
+    ``y_error`` = (DPM-Solver-k) - (DPM-Solver-(k-1) on the same evaluations), for a diffrax
+    step-size controller; the step size is h in lambda.
+    """
+
+    solver_order: int = eqx.field(static=True, default=3)
+
+    def __check_init__(self):
+        if self.solver_order not in (2, 3):
+            raise ValueError(f"DPMSolverAdaptive order must be 2 or 3; got {self.solver_order}")
+
+    def order(self, terms):
+        return self.solver_order
+
+    def error_order(self, terms):
+        # the difference of orders k and k - 1 is O(h^k) locally: the controller's exponent is -1/k (Alg. 4)
+        return self.solver_order
+
+    def init(self, terms, t0, t1, y0, args):
+        return None
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        y1, y_low = _singlestep(self.schedule, terms, args, y0, t0, t1, self.solver_order)
+        return y1, y1 - y_low, dict(y0=y0, y1=y1), solver_state, _RESULTS.successful
 
 
 class DPMSolverPPMultistep(_LambdaSolver):
@@ -204,3 +239,36 @@ def dpm_solver(denoiser: Callable, schedule: Schedule, x_T, ts, key=None, cond=N
         x0_prev, _, h_last, _, _ = sol.solver_state
         stats["history"] = (x0_prev, h_last)
     return sol.ys[0], stats
+
+
+def check_dpm_adaptive(options):
+    """Raise a ValueError naming a bad ``dpm_adaptive`` option (order, rtol, atol, h_init, max_steps)."""
+    order = options.get("order", 3)
+    if order not in (2, 3):
+        raise ValueError(f"order must be 2 (DPM-Solver-12) or 3 (DPM-Solver-23); got {order!r}")
+    for name in ("rtol", "atol", "h_init"):
+        if name in options and _is_concrete(options[name]) and not options[name] > 0:
+            raise ValueError(f"{name} must be positive; got {options[name]!r}")
+    max_steps = options.get("max_steps", 1000)
+    if not isinstance(max_steps, (int, np.integer)) or isinstance(max_steps, bool) or max_steps <= 0:
+        raise ValueError(f"max_steps must be a positive integer; got {max_steps!r}")
+
+
+def dpm_adaptive(denoiser: Callable, schedule: Schedule, x_T, ts, key=None, cond=None, *, order: int = 3,
+                 rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, max_steps: int = 1000):
+    """Adaptive DPM-Solver-12 / -23 from ts[0] to ts[-1] (Lu et al. 2022 sec. 4.2; defaults as its code).
+
+    Steps in lambda from h = ``h_init``, driven by ``diffrax.PIDController(rtol, atol)`` as an
+    I-controller: a step is accepted when E = RMS over the whole batch of
+    y_error / (atol + rtol max(|x_s|, |x_t|)) is < 1, and the next h is 0.9 h E^(-1/order) (the
+    paper's theta = 0.9 rule; its E uses max(atol, rtol max(|x_low|, |x_prev|)) per sample). Only the
+    grid's ends are used; ``key`` is unused. Returns (x, stats), stats["nfe"] = order x attempted
+    steps (rejected ones included); more than ``max_steps`` steps raise an error.
+    """
+    check_dpm_adaptive(dict(order=order, rtol=rtol, atol=atol, h_init=h_init, max_steps=max_steps))
+    lams = schedule.log_snr(ts)
+    sol = diffrax.diffeqsolve(denoiser_term(denoiser, schedule), DPMSolverAdaptive(schedule, order),
+                              t0=lams[0], t1=lams[-1], dt0=h_init, y0=x_T, args=cond,
+                              stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+                              saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
+    return sol.ys[0], nfe_stats(sol.stats["num_steps"], order)
