@@ -10,6 +10,8 @@ The model, schedule and data spec are rebuilt from the config stored with the ch
 ``WORKDIR/config.json``); ``params`` are the EMA weights, which sampling and evaluation use. Samples
 come back in the data's range and shape (n-bit images as unsigned integers (N, H, W, C), toy data
 float32 (N, D)), and ``nll_per_dim`` takes the same form, so ``run.nll_per_dim(run.sample(...))`` works.
+A latent-diffusion run (task "latent_diffusion") samples latents and returns them decoded, as images of the same
+form; its checkpoints carry the autoencoder's weights and the latent scale factor, so only its own workdir is read.
 ``python -m diffjax.generate`` is this module behind flags.
 """
 
@@ -226,7 +228,8 @@ class TrainedRun:
         """``x`` as an array of shape (N, *data shape), N >= 1, of a diffusion run; else a ValueError naming it."""
         if not self._spec.nll:
             raise ValueError(f"{self.workdir} holds a {self.task} run, whose network is not a denoiser of the "
-                             f"probability-flow ODE: it has no likelihood")
+                             f"probability-flow ODE of the data: it has no likelihood of images (a latent run's "
+                             f"NLL is in latent space, metrics.json's test_latent_bits_per_dim)")
         x = np.asarray(x)
         if x.ndim != len(self.spec.shape) + 1 or x.shape[1:] != tuple(self.spec.shape) or len(x) == 0:
             raise ValueError(f"x must have shape (N, {', '.join(map(str, self.spec.shape))}) with N >= 1; "

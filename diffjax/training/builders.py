@@ -22,7 +22,7 @@ from diffjax.training.tasks import TASK_NAMES, TaskSpec, get_task
 from diffjax.sharding import mesh_shape
 from diffjax.timesteps import GRIDS, SUBSEQUENCE_GRIDS
 
-__all__ = ["SCHEDULES", "TASKS", "DIFFUSION_TASK", "CLASSIFIER_TASK", "ConfigError", "denoiser_loss_kwargs", "validate_config", "build_schedule", "build_model", "build_loss",
+__all__ = ["SCHEDULES", "TASKS", "DIFFUSION_TASK", "CLASSIFIER_TASK", "ConfigError", "denoiser_loss_kwargs", "validate_config", "build_schedule", "build_model", "model_shape", "build_loss",
            "build_optimizer"]
 
 SCHEDULES = {
@@ -181,10 +181,21 @@ def build_schedule(diffusion_config):
     return SCHEDULES[diffusion_config.schedule](diffusion_config)
 
 
+def model_shape(config) -> tuple:
+    """The shape of one example the task's network sees and its sampler draws (``TaskSpec.model_shape``; by
+    default the data's)."""
+    shape = get_task(config.get("task", "diffusion")).model_shape
+    return tuple(data_lib.get_spec(config.data.dataset).shape) if shape is None else tuple(shape(config))
+
+
 def build_model(config):
-    """The Flax module named by ``config.model.name`` (fields from ``config.model`` minus ``name``); a config
-    without ``model.dtype`` / ``model.kernels`` (experiment configs that replace ``config.model``, runs saved
-    before these fields) gets float32 compute and "auto" kernels."""
+    """The task's network (``TaskSpec.build_model``), by default the Flax module named by ``config.model.name``
+    (fields from ``config.model`` minus ``name``); a config without ``model.dtype`` / ``model.kernels``
+    (experiment configs that replace ``config.model``, runs saved before these fields) gets float32 compute and
+    "auto" kernels."""
+    task = get_task(config.get("task", "diffusion"))
+    if task.build_model is not None:
+        return task.build_model(config)
     fields = {k: v for k, v in config.model.to_dict().items() if k != "name"}
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     fields.setdefault("dtype", None)
@@ -193,7 +204,7 @@ def build_model(config):
     if config.get("task", "diffusion") == "classifier":
         fields[out_field] = data_lib.get_spec(config.data.dataset).num_classes  # the logits
     elif config.diffusion.get("learned_variance", False):
-        fields[out_field] = 2 * data_lib.get_spec(config.data.dataset).shape[-1]  # prediction and variance channels
+        fields[out_field] = 2 * model_shape(config)[-1]  # prediction and variance channels
     try:
         return models_lib.create_model(config.model.name, **fields)
     except (TypeError, ValueError) as e:

@@ -31,7 +31,8 @@ from diffjax import models as models_lib
 from diffjax.likelihood import evaluate_nll
 from diffjax.samplers import sample
 from diffjax.sharding import shard_batch, to_host
-from diffjax.training.builders import build_loss, build_model, build_optimizer, build_schedule, validate_config
+from diffjax.training.builders import (build_loss, build_model, build_optimizer, build_schedule, model_shape,
+                                       validate_config)
 from diffjax.training.checkpoint import Checkpointer, NonFiniteError
 from diffjax.training.state import TrainState
 from diffjax.training.tasks import get_task
@@ -56,6 +57,10 @@ class Run:
     # model_fn(params, x, t, cond) in eval mode (TaskSpec.eval_apply of the network), one object per run (compiled
     # loops reuse it)
     apply_eval: Any
+    # one example as the network sees it and the sampler draws it (the data's shape, or e.g. latents')
+    sample_shape: tuple = ()
+    # decode(extra, y) -> x: the sampler's output to the data range (TaskSpec.decode); None: it is data
+    decode: Optional[Any] = None
 
 
 def setup(config, workdir: Optional[str] = None, restore: bool = True, step: Optional[int] = None,
@@ -73,9 +78,10 @@ def setup(config, workdir: Optional[str] = None, restore: bool = True, step: Opt
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.training.max_to_keep, read_only=read_only)
     restoring = ckpt is not None and restore and (step is not None or ckpt.latest_step() is not None)
     k_init, k_run = jax.random.split(jax.random.PRNGKey(config.seed))
-    params = models_lib.init_params(module, k_init, (1, *spec.shape))
-    extra = None
     task = get_task(config.get("task", "diffusion"))
+    shape = model_shape(config)
+    params = (task.init_params or models_lib.init_params)(module, k_init, (1, *shape))
+    extra = None
     if task.init is not None:
         params, extra = task.init(config, schedule, module, params, restore_only=restoring or structure_only)
     state = TrainState.create(params, build_optimizer(config), k_run, extra)
@@ -86,7 +92,8 @@ def setup(config, workdir: Optional[str] = None, restore: bool = True, step: Opt
     apply_eval = models_lib.make_model_fn(module, train=False)
     if task.eval_apply is not None:
         apply_eval = task.eval_apply(config, schedule, apply_eval)
-    return Run(config, spec, module, schedule, mesh, shardings, state, ckpt, apply_eval)
+    decode = None if task.decode is None else task.decode(config)
+    return Run(config, spec, module, schedule, mesh, shardings, state, ckpt, apply_eval, shape, decode)
 
 
 class _StopRequested:
@@ -373,17 +380,19 @@ def generate(run: Run, *, method: str, num_steps: int, num_samples: int, key, co
     is ``options["grid"]``, else ``config.sample.grid`` when ``method`` is the configured
     ``config.sample.method`` (the grid was chosen for that sampler), else the method's own. The batch is
     split over the run's mesh (zero rows pad it to a multiple of the batch shards); returns host
-    samples, identical on every process, and the NFE.
+    samples in the data's range (a latent run's decoded), identical on every process, and the NFE.
     """
     if options.get("grid") is None and method == run.config.sample.method:
         options["grid"] = run.config.sample.get("grid")  # None: the method's default grid
-    x_T = to_host(run.schedule.prior_sample(key, (num_samples, *run.spec.shape)))
+    x_T = to_host(run.schedule.prior_sample(key, (num_samples, *run.sample_shape)))
     x_T, n = shard_batch(x_T, run.mesh)
     if cond is not None:
         cond, _ = shard_batch(cond, run.mesh)
     k = jax.random.fold_in(key, 1)
     x, nfe = sample(model_fn or ema_model_fn(run), run.schedule, x_T, method=method, num_steps=num_steps, key=k,
                     prediction=run.config.diffusion.prediction, cond=cond, t_end=0.0, return_nfe=True, **options)
+    if run.decode is not None:
+        x = run.decode(run.state.extra, x)
     return to_host(x)[:n], int(nfe)
 
 
@@ -500,9 +509,13 @@ def _evaluate_during_training(run: Run, workdir: str, step: int, writer) -> None
     k_sample, k_nll = _eval_keys(config)
     if _due(step, t.get("sample_every", 0)) and task.samples:
         _sample_figure(run, k_sample, os.path.join(workdir, "samples", f"step_{step}.png"), writer)
-    if not (_due(step, t.get("eval_every", 0)) and config.eval.num_examples > 0 and (task.nll or classifier)):
+    evaluates = task.nll or classifier or task.evaluate is not None
+    if not (_due(step, t.get("eval_every", 0)) and config.eval.num_examples > 0 and evaluates):
         return
-    metrics = evaluate_classifier(run) if classifier else _test_split_nll(run, k_nll)
+    if classifier:
+        metrics = evaluate_classifier(run)
+    else:
+        metrics = task.evaluate(run, k_nll) if task.evaluate is not None else _test_split_nll(run, k_nll)
     if jax.process_index() != 0:
         return
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -523,7 +536,8 @@ def _evaluate_during_training(run: Run, workdir: str, step: int, writer) -> None
 def evaluate(run: Run, workdir: str) -> dict:
     """Sample a grid with the EMA weights and compute the test NLL; write PNGs, TensorBoard and a dict.
 
-    A classifier run (``config.task == "classifier"``) reports ``evaluate_classifier`` instead.
+    A classifier run (``config.task == "classifier"``) reports ``evaluate_classifier`` instead; a task with its own
+    ``TaskSpec.evaluate`` reports that in place of the test NLL; a task that draws no samples writes no grid.
     """
     config = run.config
     if config.get("task", "diffusion") == "classifier":
@@ -533,13 +547,16 @@ def evaluate(run: Run, workdir: str) -> dict:
             plots.loss_curve(os.path.join(workdir, "loss_history.csv"), os.path.join(workdir, "loss_curve.png"))
         return evaluate_classifier(run)
     k_sample, k_nll = _eval_keys(config)
+    task = get_task(config.get("task", "diffusion"))
     writer = _summary_writer(workdir) if jax.process_index() == 0 else None
-    out = _sample_figure(run, k_sample, os.path.join(workdir, "samples.png"), writer)
+    out = _sample_figure(run, k_sample, os.path.join(workdir, "samples.png"), writer) if task.samples else {}
     if jax.process_index() == 0:
         from diffjax.training import plots
 
         plots.loss_curve(os.path.join(workdir, "loss_history.csv"), os.path.join(workdir, "loss_curve.png"))
-    if config.eval.num_examples > 0 and get_task(config.get("task", "diffusion")).nll:
+    if config.eval.num_examples > 0 and task.evaluate is not None:
+        out.update(task.evaluate(run, k_nll))
+    elif config.eval.num_examples > 0 and task.nll:
         out.update(_test_split_nll(run, k_nll))
     return out
 

@@ -6,7 +6,10 @@ its data), and the main job, ``diffjax.load_run`` and ``diffjax.generate`` run e
 * ``classifier``: a noise-conditional classifier for classifier guidance;
 * ``progressive_distillation`` (``diffjax.progressive``), ``consistency_distillation`` and
   ``consistency_training`` (``diffjax.consistency``), ``reflow`` (``diffjax.reflow``): few-step
-  generators. A teacher run, where there is one, is ``config.distill.teacher_workdir``.
+  generators. A teacher run, where there is one, is ``config.distill.teacher_workdir``;
+* ``autoencoder``: LDM's KL-regularised autoencoder (``diffjax.autoencoder``, ``config.autoencoder``);
+* ``latent_diffusion``: a denoiser on the latents of an autoencoder run (``config.latent.autoencoder_workdir``),
+  sampled and returned as images.
 
 The few-step tasks live in their own modules (``diffjax/training/task_*.py``) and are imported when named.
 """
@@ -44,6 +47,15 @@ class TaskSpec:
     ``eval_apply(config, schedule, apply) -> apply``: what the run samples and evaluates, made from its network's
     eval-mode ``apply(params, x, t, cond)`` (a consistency model's f, as a prediction of
     ``config.diffusion.prediction``'s type); None: the network itself.
+    ``build_model(config) -> module``: the network (None: ``config.model`` through ``builders.build_model``).
+    ``init_params(module, key, x_shape) -> variables``: its initial variables on one batch of shape ``x_shape``
+    (None: ``diffjax.models.init_params``, the ``model_fn(params, x, t, cond)`` signature).
+    ``model_shape(config)``: the shape of one example the network sees and the sampler draws (latents); None:
+    the data's.
+    ``decode(config) -> decode(extra, y) -> x``: maps the sampler's output to the data range, given
+    ``TrainState.extra`` (latents to images); None: the samples are data.
+    ``evaluate(run, key) -> dict``: the metrics of the end-of-run and ``training.eval_every`` evaluations in place
+    of the pixel test NLL (an autoencoder's reconstruction error, a latent model's latent NLL).
     """
 
     build_loss: Callable
@@ -54,6 +66,11 @@ class TaskSpec:
     nll: bool = True
     sample_steps: Optional[Callable] = None
     eval_apply: Optional[Callable] = None
+    build_model: Optional[Callable] = None
+    init_params: Optional[Callable] = None
+    model_shape: Optional[Callable] = None
+    decode: Optional[Callable] = None
+    evaluate: Optional[Callable] = None
 
 
 # task name -> (module, attribute) of its TaskSpec; imported when the task is used
@@ -64,6 +81,8 @@ _REGISTRY = {
     "consistency_distillation": ("diffjax.training.task_consistency", "DISTILLATION_TASK"),
     "consistency_training": ("diffjax.training.task_consistency", "TRAINING_TASK"),
     "reflow": ("diffjax.training.task_reflow", "TASK"),
+    "autoencoder": ("diffjax.training.task_autoencoder", "TASK"),
+    "latent_diffusion": ("diffjax.training.task_latent", "TASK"),
 }
 TASK_NAMES = tuple(_REGISTRY)
 
