@@ -18,8 +18,9 @@ def base():
     c.seed = 0
     # "diffusion": a denoiser (eps/x0/v/score/flow); "classifier": a noise-conditional classifier
     # p(y | x_t, t) for classifier guidance, trained by cross-entropy on x_t ~ q(x_t | x_0); few-step
-    # generators: "progressive_distillation", "consistency_distillation", "consistency_training", "reflow"
-    # (diffjax.training.tasks)
+    # generators: "progressive_distillation", "consistency_distillation", "consistency_training", "reflow";
+    # "autoencoder" (LDM's KL autoencoder, config.autoencoder) and "latent_diffusion" (a denoiser on its latents,
+    # config.latent) (diffjax.training.tasks)
     c.task = "diffusion"
 
     c.data = d = ml_collections.ConfigDict()

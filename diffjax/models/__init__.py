@@ -1,4 +1,6 @@
-"""Flax networks (U-Net, DiT, MLP, classifier), seen by the rest of diffjax only as ``model_fn(params, x, t, cond)``.
+"""Flax networks (U-Net, DiT, MLP, classifier), seen by the rest of diffjax only as ``model_fn(params, x, t, cond)``;
+and LDM's KL autoencoder ``AutoencoderKL`` (``encode`` / ``decode``, task "autoencoder"; not in ``MODELS``: it is not
+a ``model_fn``).
 
 ``create_model(name, **fields)`` builds a module from the registry ``MODELS`` (every model takes
 ``kernels="auto"|"xla"|"cpu"`` and ``dtype=None|"float32"|"bfloat16"``, see ``diffjax.models.ops``);
@@ -16,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffjax.models.autoencoder import AutoencoderKL
 from diffjax.models.embeddings import ClassEmbedding, TimeEmbedding, fourier_embedding, sinusoidal_embedding
 from diffjax.models.classifier import EncoderClassifier
 from diffjax.models.dit import DIT_CONFIGS, DiT, dit_fields
@@ -31,6 +34,7 @@ __all__ = [
     "dit_fields",
     "MLP",
     "EncoderClassifier",
+    "AutoencoderKL",
     "KERNELS",
     "resolve_kernels",
     "Conv",
