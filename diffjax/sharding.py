@@ -4,14 +4,43 @@ The mesh has three named axes, any of which may have size 1:
 
 * ``data``  -- pure data parallelism: the batch is split, parameters are replicated;
 * ``fsdp``  -- the batch is split *and* every large parameter (with its optimizer moments and EMA)
-  is sharded along its largest divisible axis (ZeRO-3 / FSDP); XLA all-gathers a parameter where
-  it is used and reduce-scatters its gradient;
-* ``model`` -- tensor parallelism: the output-feature axis (the last axis of Dense/Conv kernels
-  and of their biases) is split; the batch is replicated across it.
+  is sharded along one axis (ZeRO-3 / FSDP); XLA all-gathers a parameter where it is used and
+  reduce-scatters its gradient;
+* ``model`` -- tensor parallelism: weights are split over it and the batch is replicated across it.
 
 The batch is always split over ``("data", "fsdp")``. Which leaf gets which ``PartitionSpec`` is
-decided by ``leaf_spec`` from the leaf's shape alone, so parameters, Adam moments and EMA copies
-of one tensor are laid out identically. The same code runs on one CPU, on simulated devices
+decided by ``leaf_spec`` from the leaf's parameter path and shape, where the path is the leaf's
+dict keys only (``params/block3/fc1/kernel``): parameters, EMA copies, Adam moments and a teacher's
+copy of one tensor share it, so they are laid out identically. The rule set:
+
+1. **Path rules** (``TRANSFORMER_RULES``, Megatron-style tensor parallelism, Shoeybi et al. 2019
+   sec. 3) for the blocks of a transformer named as ``diffjax.models.DiT`` names them
+   (``block<i>/{adaLN_modulation, qkv, proj, fc1, fc2}``, ``patch_embed``, ``final_layer``):
+
+   * ``qkv`` and ``fc1`` are column-parallel: their output features go over ``model``; ``qkv``
+     in the head-major "split" layout of ``ops.QKVAttention`` (kernel (C, 3, C), bias (3, C)) is
+     split on its last axis, so each shard holds whole heads of q, k and v (``model`` must divide
+     the number of heads); the fused (C, 3 C) [q|k|v] layout is not split over ``model`` (a
+     contiguous split would cut across q / k / v);
+   * ``proj`` and ``fc2`` are row-parallel: their input features go over ``model``, so the
+     attention and the MLP each end in one all-reduce over ``model`` of the (B, T, D) activations
+     in the forward pass (and one at their inputs in the backward pass), and nothing else moves;
+   * ``adaLN_modulation`` (of the blocks and of the final layer) is row-parallel too, its input
+     features split over ``model`` and, within that, over ``fsdp``: its output (B, 6 D) is cut into
+     shift / scale / gate vectors that every shard needs whole, and a split of the output features
+     (over either axis) makes XLA gather the small conditioning c instead of the weight and then
+     redistribute the output with an all-to-all;
+   * ``patch_embed`` and ``final_layer/linear`` are not split over ``model`` (the tokens enter and
+     leave the blocks whole);
+   * ``fsdp`` takes the other weight axis (adaLN: the same one); ``model`` splits apply whatever
+     the leaf's size (they cost no collective of their own), ``fsdp`` splits only from
+     ``min_size`` elements. An array axis that its mesh axes do not divide is not split.
+
+2. **The shape rule**, for every other leaf (the U-Net, the MLP, embeddings): leaves smaller
+   than ``min_size`` stay replicated; ``model`` takes the last axis (output features); ``fsdp``
+   the largest remaining axis it divides.
+
+The same code runs on one CPU, on simulated devices
 (``--xla_force_host_platform_device_count``) and on a multi-host pod, where each process holds
 only its addressable shards; ``global_batch`` builds global arrays from per-process slices,
 ``shard_batch`` from data every process holds in full, and ``to_host`` brings a global array back.
@@ -20,18 +49,39 @@ only its addressable shards; ``global_batch`` builds global arrays from per-proc
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+import re
+from typing import Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["MESH_AXES", "BATCH_AXES", "make_mesh", "mesh_shape", "leaf_spec", "tree_shardings",
+__all__ = ["MESH_AXES", "BATCH_AXES", "TRANSFORMER_RULES", "make_mesh", "mesh_shape", "leaf_spec", "path_name",
+           "tree_shardings",
            "batch_sharding", "global_batch", "shard_batch", "to_host", "batch_shards"]
 
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
+
+_BLOCK = r"(?:^|/)block\d+/"
+# (pattern searched in the leaf's path, mesh axis per array axis); the first rule whose pattern matches
+# and whose length equals the leaf's rank decides (module docstring, rule 1).
+TRANSFORMER_RULES = (
+    (_BLOCK + r"qkv/kernel$", ("fsdp", None, "model")),  # (C, 3, C) head-major: column-parallel, whole heads
+    (_BLOCK + r"qkv/bias$", (None, "model")),
+    (_BLOCK + r"qkv/kernel$", ("fsdp", None)),  # fused (C, 3 C) [q|k|v]: no tensor parallelism
+    (_BLOCK + r"qkv/bias$", (None,)),
+    (_BLOCK + r"fc1/kernel$", ("fsdp", "model")),  # column-parallel
+    (_BLOCK + r"fc1/bias$", ("model",)),
+    (_BLOCK + r"(?:proj|fc2)/kernel$", ("model", "fsdp")),  # row-parallel
+    (_BLOCK + r"(?:proj|fc2)/bias$", (None,)),
+    (r"(?:^|/)(?:block\d+|final_layer)/adaLN_modulation/kernel$", (("model", "fsdp"), None)),  # row-parallel
+    (r"(?:^|/)(?:block\d+|final_layer)/adaLN_modulation/bias$", (None,)),
+    (r"(?:^|/)patch_embed/kernel$", (None, None, None, "fsdp")),  # (p, p, C, D)
+    (r"(?:^|/)final_layer/linear/kernel$", ("fsdp", None)),
+    (r"(?:^|/)(?:patch_embed|final_layer/linear)/bias$", (None,)),
+)
 
 
 def mesh_shape(shape: Optional[Mapping[str, int]], num_devices: int) -> dict:
@@ -80,13 +130,42 @@ def make_mesh(shape: Optional[Mapping[str, int]] = None, num_devices: Optional[i
     return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=auto)
 
 
-def leaf_spec(shape, mesh: Mesh, min_size: int = 2**14) -> P:
-    """The rule set: which axes of an array of ``shape`` are split over ``model`` and ``fsdp``.
+def path_name(path) -> str:
+    """The dict keys of a ``jax.tree_util`` key path joined by "/" (``params/block0/qkv/kernel``).
 
-    Leaves smaller than ``min_size`` (biases, norms, scalars, PRNG keys) stay replicated: sharding
-    them saves no memory and costs a collective each. ``model`` takes the last axis (output
-    features); ``fsdp`` the largest remaining axis it divides. Indivisible axes are not split.
+    Attribute and sequence keys (``.params``, ``.opt_state[1][0].mu``) are left out, so a parameter,
+    its EMA copy and its Adam moments have the same name.
     """
+    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def _rule_spec(axes, shape, mesh: Mesh, min_size: int) -> P:
+    """A path rule's mesh axes per array axis (None, a name or a tuple of names), keeping the names of size > 1
+    ("fsdp" only from ``min_size`` elements); an array axis their product does not divide is not split."""
+    big = math.prod(shape) >= min_size
+    spec = []
+    for names, n in zip(axes, shape):
+        names = tuple(a for a in ((names,) if isinstance(names, str) else names or ())
+                      if mesh.shape[a] > 1 and (a == "model" or big))
+        split = bool(names) and n % math.prod(mesh.shape[a] for a in names) == 0
+        spec.append((names[0] if len(names) == 1 else names) if split else None)
+    return P(*spec)
+
+
+def leaf_spec(shape, mesh: Mesh, min_size: int = 2**14, path: str = "",
+              rules: Sequence = TRANSFORMER_RULES) -> P:
+    """The rule set (module docstring): which axes of the leaf ``path`` of ``shape`` are split over ``model`` and ``fsdp``.
+
+    The first of ``rules`` whose pattern is found in ``path`` and whose length is the leaf's rank
+    decides; otherwise the shape rule: leaves smaller than ``min_size`` (biases, norms, scalars,
+    PRNG keys) stay replicated, as sharding them saves no memory and costs a collective each;
+    ``model`` takes the last axis (output features); ``fsdp`` the largest remaining axis it
+    divides. Indivisible axes are not split.
+    """
+    shape = tuple(shape)
+    for pattern, axes in rules:
+        if len(axes) == len(shape) and re.search(pattern, path):
+            return _rule_spec(axes, shape, mesh, min_size)
     spec = [None] * len(shape)
     if math.prod(shape) < min_size:
         return P(*spec)
@@ -101,9 +180,10 @@ def leaf_spec(shape, mesh: Mesh, min_size: int = 2**14) -> P:
     return P(*spec)
 
 
-def tree_shardings(tree, mesh: Mesh, min_size: int = 2**14):
-    """``NamedSharding`` for every leaf by ``leaf_spec`` (parameters, EMA and optimizer moments alike)."""
-    return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), mesh, min_size)), tree)
+def tree_shardings(tree, mesh: Mesh, min_size: int = 2**14, rules: Sequence = TRANSFORMER_RULES):
+    """``NamedSharding`` for every leaf by ``leaf_spec`` of its path and shape (parameters, EMA, optimizer moments alike)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, leaf_spec(np.shape(x), mesh, min_size, path_name(path), rules)), tree)
 
 
 def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:

@@ -43,6 +43,8 @@ __all__ = [
     "apply_keep_mask",
     "attention",
     "qkv_attention",
+    "split_qkv",
+    "QKV_LAYOUTS",
     "Conv",
     "GroupNorm",
     "Dropout",
@@ -52,6 +54,7 @@ __all__ = [
 KERNELS = ("auto", "xla", "cpu")
 DTYPES = (None, "float32", "bfloat16")
 GN_ACTIVATIONS = (None, "silu")
+QKV_LAYOUTS = ("fused", "split")
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -174,6 +177,15 @@ def qkv_attention(h, kernel, bias, num_heads: int):
     return attention(q, k, v, num_heads)
 
 
+def split_qkv(h, kernel, bias):
+    """q, k, v = h kernel[:, i] + bias[i], i = 0, 1, 2, of the "split" layout: kernel (C, 3, C), bias (3, C).
+
+    One contraction, so its backward sums the three input gradients before any collective.
+    """
+    qkv = jnp.einsum("btc,cjf->btjf", h, kernel) + bias
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
 # ---- modules ----------------------------------------------------------------------------------
 
 class Conv(nn.Module):
@@ -256,16 +268,20 @@ class Dropout(nn.Module):
 
 
 class QKVAttention(nn.Module):
-    """Multi-head self-attention of h (B, T, C), q, k, v from ``nn.Dense(3 C)``'s kernel (C, 3 C) and bias (3 C).
+    """Multi-head self-attention of h (B, T, C); the output projection is the caller's.
 
-    Name it "qkv" to get the parameter tree of a fused ``nn.Dense(3 C, name="qkv")``. The output
-    projection is the caller's.
+    ``layout`` "fused": q, k, v from ``nn.Dense(3 C)``'s kernel (C, 3 C) and bias (3 C), [q|k|v]
+    along the features; name it "qkv" to get the parameter tree of a fused ``nn.Dense(3 C, name="qkv")``.
+    "split": kernel (C, 3, C) and bias (3, C), q, k, v along axis 1 (each head-major, as the fused
+    thirds); splitting the last axis over a mesh axis gives each shard whole heads of q, k and v
+    (``diffjax.sharding``). Same initial values (the fused kernel's, reshaped) and the same numbers.
     """
 
     num_heads: int
     kernel_init: Callable = nn.linear.default_kernel_init
     kernels: str = "auto"
     dtype: Any = None
+    layout: str = "fused"
 
     @nn.compact
     def __call__(self, h):
@@ -273,8 +289,17 @@ class QKVAttention(nn.Module):
         if h.ndim != 3 or c % self.num_heads:
             raise ValueError(f"QKVAttention expects h of shape (B, T, C) with C divisible by "
                              f"num_heads={self.num_heads}; got {h.shape}")
-        kernel = self.param("kernel", self.kernel_init, (c, 3 * c), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (3 * c,), jnp.float32)
+        if self.layout not in QKV_LAYOUTS:
+            raise ValueError(f"QKVAttention layout must be one of {QKV_LAYOUTS}; got {self.layout!r}")
         dtype = compute_dtype(self.dtype)
-        args = (h.astype(dtype), kernel.astype(dtype), bias.astype(dtype), self.num_heads)
-        return _cpu().qkv_attention(*args) if resolve_kernels(self.kernels) == "cpu" else qkv_attention(*args)
+        cpu = resolve_kernels(self.kernels) == "cpu"
+        if self.layout == "fused":
+            kernel = self.param("kernel", self.kernel_init, (c, 3 * c), jnp.float32)
+            bias = self.param("bias", nn.initializers.zeros, (3 * c,), jnp.float32)
+            args = (h.astype(dtype), kernel.astype(dtype), bias.astype(dtype), self.num_heads)
+            return _cpu().qkv_attention(*args) if cpu else qkv_attention(*args)
+        init = lambda key, shape, dt: self.kernel_init(key, (c, 3 * c), dt).reshape(shape)  # noqa: E731
+        kernel = self.param("kernel", init, (c, 3, c), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (3, c), jnp.float32)
+        q, k, v = split_qkv(h.astype(dtype), kernel.astype(dtype), bias.astype(dtype))
+        return _cpu().spatial_attention(q, k, v, self.num_heads) if cpu else attention(q, k, v, self.num_heads)

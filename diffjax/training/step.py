@@ -2,8 +2,9 @@
 
 The same code runs on one CPU, on 8 simulated devices and on a multi-host pod: the batch is split
 over the mesh's ``data`` and ``fsdp`` axes, parameters are replicated or sharded over ``fsdp`` /
-``model`` by the rule set in ``diffjax.sharding``, and XLA's SPMD partitioner inserts the gradient
-all-reduce (or reduce-scatter) and the parameter all-gathers.
+``model`` by the rule set in ``diffjax.sharding`` (Megatron tensor parallelism for transformer
+blocks), and XLA's SPMD partitioner inserts the gradient all-reduce (or reduce-scatter), the
+parameter all-gathers and the tensor-parallel activation all-reduces.
 Random numbers are drawn from ``fold_in(state.key, step)`` inside the step; with JAX's
 partitionable threefry (dropout masks included, ``diffjax.models.ops``) the counter of each
 element is its index, so the draws do not depend on how the batch is laid out, and a run on 8
@@ -58,7 +59,8 @@ class ContextLoss:
 
 
 def state_shardings(state: TrainState, mesh: Mesh, min_size: int = 2**14):
-    """NamedShardings for every leaf of the state by ``diffjax.sharding.leaf_spec``: params, EMA, moments alike."""
+    """NamedShardings for every leaf of the state by ``diffjax.sharding``'s rule set (``leaf_spec`` of the leaf's
+    path and shape: transformer-block rules, else the shape rule), so params, EMA and moments of a tensor alike."""
     return tree_shardings(state, mesh, min_size)
 
 
