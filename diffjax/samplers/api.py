@@ -22,12 +22,15 @@ from diffjax.consistency import consistency_sample
 from diffjax.parameterization import Denoiser, as_denoiser, check_prediction
 from diffjax.samplers.ancestral import ddim, ddpm, nfe_stats
 from diffjax.samplers.dpm_solver import dpm_solver, extrapolate_x0
+from diffjax.samplers.edm import check_churn, edm_sampler
 from diffjax.samplers.ode import ODE_SOLVERS, is_adaptive, pf_ode
+from diffjax.samplers.trajectory import Trajectory, check_save_at
+from diffjax.samplers.unipc import check_unipc, unipc
 from diffjax.samplers.sde import euler_maruyama, predictor_corrector
 from diffjax.schedules import DiscreteDDPM, Schedule, check_time
 from diffjax.timesteps import check_grid, discrete_subsequence, make_grid, parse_grid
 
-__all__ = ["SAMPLERS", "METHODS", "SamplerSpec", "sample"]
+__all__ = ["SAMPLERS", "METHODS", "SamplerSpec", "Trajectory", "sample"]
 
 FINAL_STEPS = ("denoise", "extrapolate")
 
@@ -66,7 +69,11 @@ class SamplerSpec:
     naming a bad option value; ``log_snr_steps``: steps in log-SNR (the grid needs finite lambda);
     ``extrapolates``: its stats carry the x0 ``"history"``, so ``sample`` offers
     ``final_step="extrapolate"``; ``adaptive(options)``: the solver picks its own steps between the
-    grid's ends; ``chain_grid``: the default grid on a DiscreteDDPM chain sampled to t = 0.
+    grid's ends; ``chain_grid``: the default grid on a DiscreteDDPM chain sampled to t = 0;
+    ``own_final_step``: ``fn`` takes the whole grid and ``to_zero`` (its last time is sigma = 0) and makes
+    that step itself, and with ``save_steps=True`` returns stats["states"], its state at ts[1:];
+    ``markov``: the state alone determines the rest of the solve (no multistep history), so a trajectory
+    can be taken by solving the grid in segments.
     """
 
     fn: Callable
@@ -78,6 +85,8 @@ class SamplerSpec:
     extrapolates: bool = False
     adaptive: Callable[[dict], bool] = _never
     chain_grid: Optional[str] = None
+    own_final_step: bool = False
+    markov: bool = True
 
     @property
     def sample_options(self) -> frozenset:
@@ -89,9 +98,15 @@ def _ddim_stochastic(options):
     return options.get("eta", 0.0) != 0.0
 
 
+def _churn_stochastic(options):
+    return options.get("S_churn", 0.0) > 0
+
+
 def _dpm(order, multistep=False):
     return functools.partial(dpm_solver, order=order, multistep=multistep)
 
+
+_CHURN = frozenset({"S_churn", "S_tmin", "S_tmax", "S_noise"})
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(ddpm, _always, "time_uniform", frozenset({"variance"}), chain_grid="ddim_trailing"),
@@ -108,8 +123,19 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpm_solver_1": SamplerSpec(_dpm(1), _never, "logSNR", log_snr_steps=True),
     "dpm_solver_2": SamplerSpec(_dpm(2), _never, "logSNR", log_snr_steps=True),
     "dpm_solver_3": SamplerSpec(_dpm(3), _never, "logSNR", log_snr_steps=True),
-    "dpm_solver++_2m": SamplerSpec(_dpm(2, True), _never, "logSNR", log_snr_steps=True, extrapolates=True),
-    "dpm_solver++_3m": SamplerSpec(_dpm(3, True), _never, "logSNR", log_snr_steps=True, extrapolates=True),
+    "dpm_solver++_2m": SamplerSpec(_dpm(2, True), _never, "logSNR", log_snr_steps=True, extrapolates=True,
+                                   markov=False),
+    "dpm_solver++_3m": SamplerSpec(_dpm(3, True), _never, "logSNR", log_snr_steps=True, extrapolates=True,
+                                   markov=False),
+    # EDM Alg. 1 / 2 (Karras et al. 2022) in sigma / alpha; S_churn > 0 needs a key
+    "edm_heun": SamplerSpec(edm_sampler, _churn_stochastic, "karras", _CHURN, check_churn, log_snr_steps=True,
+                            own_final_step=True),
+    "edm_euler": SamplerSpec(functools.partial(edm_sampler, heun=False), _churn_stochastic, "karras", _CHURN,
+                             check_churn, log_snr_steps=True, own_final_step=True),
+    # UniPC (Zhao et al. 2023), multistep UniP-p + UniC-p
+    "unipc": SamplerSpec(unipc, _never, "logSNR", frozenset({"order", "variant", "predict_x0", "corrector",
+                                                           "lower_order_final"}),
+                         check_unipc, log_snr_steps=True, own_final_step=True, markov=False),
     # multistep consistency sampling (Song et al. 2023 Alg. 1) of a consistency model read as an x0 model_fn
     "consistency": SamplerSpec(consistency_sample, _always, "trailing", frozenset({"sigma_min"})),
 }
@@ -145,26 +171,63 @@ def _grid(schedule, spec, num_steps, t_start, t_end, grid, options, clean_end):
     return make_grid(schedule, t_start, t_end, num_steps, grid)
 
 
-@eqx.filter_jit
-def _sample_jit(denoiser, x_T, ts, key, cond, config):
-    method, final_to_zero, denoise_final, options = config
+def _solve(spec, denoiser, x, ts, key, cond, final_to_zero, options, save_steps=False):
+    """``spec.fn`` over the grid ``ts`` and, if ``final_to_zero``, the step to sigma = 0: (x, stats)."""
     options = dict(options)
     final_step = options.pop("final_step", "denoise")
-    spec = SAMPLERS[method]
+    key = key if spec.stochastic(options) else None
+    if spec.own_final_step:
+        return spec.fn(denoiser, denoiser.schedule, x, ts, key, cond, to_zero=final_to_zero, save_steps=save_steps,
+                       **options)
     solve_ts = ts[:-1] if final_to_zero else ts
-    x, stats = x_T, nfe_stats(0, 0)
+    stats = nfe_stats(0, 0)
     if solve_ts.shape[0] >= 2:
-        x, stats = spec.fn(denoiser, denoiser.schedule, x_T, solve_ts, key if spec.stochastic(options) else None,
-                           cond, **options)
-    nfe = stats["nfe"]
-    if final_to_zero or denoise_final:
-        # The step to sigma = 0 (or the final denoising) is x_0 = E[x_0 | x_t]: the limit of every
-        # sampler's update as sigma_s -> 0 (DDIM / DDPM / DPM-Solver-1 to s = 0), one evaluation.
+        x, stats = spec.fn(denoiser, denoiser.schedule, x, solve_ts, key, cond, **options)
+    if final_to_zero:
+        # The step to sigma = 0 is x_0 = E[x_0 | x_t]: the limit of every sampler's update as
+        # sigma_s -> 0 (DDIM / DDPM / DPM-Solver-1 to s = 0), one evaluation.
         x0 = denoiser(x, solve_ts[-1], cond).x0
-        if final_to_zero and final_step == "extrapolate" and "history" in stats:
+        if final_step == "extrapolate" and "history" in stats:
             x0 = extrapolate_x0(x0, *stats["history"])  # O(u^2) instead of O(u), no extra evaluation
-        x, nfe = x0, nfe + 1
-    return x, nfe
+        x, stats = x0, {**stats, "nfe": stats["nfe"] + 1}
+    return x, stats
+
+
+def _trajectory(spec, denoiser, x_T, ts, key, cond, final_to_zero, options, save_at):
+    """(x, nfe, states at the grid indices ``save_at``): natively (``own_final_step``) or by solving the grid
+    in segments between saved indices (a Markov method; a stochastic one draws segment k's noise from
+    ``fold_in(key, k)``)."""
+    n = ts.shape[0] - 1
+    if spec.own_final_step:
+        x, stats = _solve(spec, denoiser, x_T, ts, key, cond, final_to_zero, options, save_steps=True)
+        states = jnp.concatenate([x_T[None], stats["states"]])
+        return x, stats["nfe"], [states[i] for i in save_at]
+    bounds = sorted(set(save_at) | {0, n})
+    x, nfe, at = x_T, jnp.asarray(0), {0: x_T}
+    for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        seg_key = None if key is None else jax.random.fold_in(key, k)
+        x, stats = _solve(spec, denoiser, x, ts[a:b + 1], seg_key, cond, final_to_zero and b == n, options)
+        nfe, at[b] = nfe + stats["nfe"], x
+    return x, nfe, [at[i] for i in save_at]
+
+
+@eqx.filter_jit
+def _sample_jit(denoiser, x_T, ts, key, cond, config):
+    method, final_to_zero, denoise_final, options, save_at = config
+    spec = SAMPLERS[method]
+    traj = None
+    if save_at is None:
+        x, stats = _solve(spec, denoiser, x_T, ts, key, cond, final_to_zero, options)
+        nfe = stats["nfe"]
+    else:
+        x, nfe, states = _trajectory(spec, denoiser, x_T, ts, key, cond, final_to_zero, options, save_at)
+        # E[x_0 | x_t] at each saved state; at sigma = 0 the state is the sample itself
+        x0s = [s if final_to_zero and i == ts.shape[0] - 1 else denoiser(s, ts[i], cond).x0
+               for i, s in zip(save_at, states)]
+        traj = Trajectory(ts[jnp.asarray(save_at)], jnp.stack(states), jnp.stack(x0s))
+    if denoise_final and not final_to_zero:
+        x, nfe = denoiser(x, ts[-1], cond).x0, nfe + 1  # the final denoising, E[x_0 | x_{t_end}]
+    return x, nfe, traj
 
 
 def sample(
@@ -182,6 +245,7 @@ def sample(
     grid=None,
     denoise_final: bool = False,
     return_nfe: bool = False,
+    save_at=None,
     **options,
 ):
     """Sample from a diffusion model by any method: the whole loop is one jitted call.
@@ -270,7 +334,13 @@ def sample(
                 f"got lambda in [{lam.min()}, {lam.max()}]"
             )
 
-    config = (method, final_to_zero, bool(denoise_final), tuple(sorted(options.items())))
+    if save_at is not None:
+        if not (spec.markov or spec.own_final_step):
+            raise ValueError(f"save_at is not available for method {method!r} (a multistep history that "
+                             "the sampler does not save)")
+        save_at = check_save_at(save_at, ts.shape[0])
+    config = (method, final_to_zero, bool(denoise_final), tuple(sorted(options.items())), save_at)
     key = jax.random.PRNGKey(0) if key is None else key
-    x, nfe = _sample_jit(denoiser, x_T, ts, key, cond, config)
-    return (x, int(nfe)) if return_nfe else x
+    x, nfe, traj = _sample_jit(denoiser, x_T, ts, key, cond, config)
+    out = (x,) + ((traj,) if save_at is not None else ()) + ((int(nfe),) if return_nfe else ())
+    return out[0] if len(out) == 1 else out
