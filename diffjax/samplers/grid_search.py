@@ -6,8 +6,8 @@ reference endpoint from the same x_T (by default the PF-ODE solved by Tsit5 at r
 in the spirit of Align Your Steps (Sabour et al. 2024), which fits the grid to one model and one
 sampler, but with the measured endpoint error as the objective instead of a KL bound. The search
 is a coordinate search in lambda = log(alpha / sigma): each free point in turn is moved to the best
-of ``candidates`` positions between its neighbours (evaluated at once, ``jax.vmap`` over grids,
-through the same sampler function ``diffjax.sample`` runs), in a window that shrinks every sweep;
+of ``candidates`` positions between its neighbours (one jitted ``lax.map`` over the candidate
+grids, through the same sampler function ``diffjax.sample`` runs), in a window that shrinks every sweep;
 the current position is always a candidate, so the loss never increases. Ends: t_start is fixed;
 with ``t_end = 0`` the grid ends with the step to sigma = 0 and its last nonzero time is free in
 (previous time, ``schedule.t_min``]; otherwise t_end is fixed.
@@ -26,22 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.parameterization import as_denoiser
-from diffjax.samplers.api import SAMPLERS, sample
+from diffjax.samplers.api import SAMPLERS, _solve, sample
 from diffjax.schedules import Schedule, check_time
 from diffjax.timesteps import check_grid, make_grid
 
 __all__ = ["optimise_grid", "grid_error", "save_grid", "load_grid"]
-
-
-def _run(denoiser, x_T, ts, key, cond, method, options, final_to_zero):
-    """The sampler on the grid ``ts`` as ``diffjax.sample`` runs it (ending with x_0 = E[x_0 | x] at sigma = 0)."""
-    spec = SAMPLERS[method]
-    solve_ts = ts[:-1] if final_to_zero else ts
-    x, _ = spec.fn(denoiser, denoiser.schedule, x_T, solve_ts, key if spec.stochastic(options) else None,
-                   cond, **options)
-    if final_to_zero:
-        x = denoiser(x, solve_ts[-1], cond).x0  # the step to sigma = 0, as in sample
-    return x
 
 
 def _mse(a, b):
@@ -98,9 +87,9 @@ def optimise_grid(
     spec = SAMPLERS[method]
     if spec.adaptive(options):
         raise ValueError(f"method {method!r} with options {options} picks its own steps; it has no grid to optimise")
-    unknown = set(options) - spec.options
+    unknown = set(options) - spec.sample_options
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for method {method!r}; allowed: {sorted(spec.options)}")
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for method {method!r}; allowed: {sorted(spec.sample_options)}")
     spec.check(options)
     if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2; got {num_steps!r}")
@@ -148,9 +137,9 @@ def optimise_grid(
         return ts.at[-1].set(t_end)
 
     @jax.jit
-    def losses(lam_rows):  # (K, n_pts) -> (K,)
-        return jax.vmap(lambda row: _mse(_run(denoiser, x_T, to_ts(row), key, cond, method, opts, final_to_zero),
-                                         reference))(lam_rows)
+    def losses(lam_rows):  # (K, n_pts) -> (K,), one grid after the other (memory of one sampler call)
+        return jax.lax.map(lambda row: _mse(_solve(spec, denoiser, x_T, to_ts(row), key, cond, final_to_zero, opts)[0],
+                                            reference), lam_rows)
 
     loss_init = float(losses(jnp.asarray(lam[None], dtype))[0])
     best = loss_init
