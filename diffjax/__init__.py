@@ -10,7 +10,7 @@ from diffjax import losses, parameterization, schedules, sde, timesteps, xla_cpu
 from diffjax.likelihood import log_likelihood
 from diffjax.parameterization import Denoised, Denoiser, convert, make_denoiser
 from diffjax.runs import load_run
-from diffjax.samplers import METHODS, SAMPLERS, sample
+from diffjax.samplers import METHODS, SAMPLERS, Trajectory, sample
 from diffjax.schedules import (
     VE,
     DiscreteDDPM,

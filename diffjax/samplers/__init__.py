@@ -4,6 +4,11 @@ registered in ``SAMPLERS``; ``sample`` on top."""
 from diffjax.samplers.ancestral import ddim, ddim_invert, ddim_step, ddpm, nfe_stats, scan_grid, slerp
 from diffjax.consistency import consistency_sample
 from diffjax.samplers.api import METHODS, SAMPLERS, SamplerSpec, sample
-from diffjax.samplers.dpm_solver import DPMSolver, DPMSolverPPMultistep, dpm_solver, extrapolate_x0
+from diffjax.samplers.dpm_solver import (
+    DPMSolver, DPMSolverAdaptive, DPMSolverPPMultistep, dpm_adaptive, dpm_solver, extrapolate_x0,
+)
+from diffjax.samplers.edm import EDMSolver, edm_sampler
 from diffjax.samplers.ode import pf_ode
 from diffjax.samplers.sde import euler_maruyama, langevin_step, predictor_corrector
+from diffjax.samplers.trajectory import Trajectory, plot_nfe_error, plot_trajectory, trajectory_image
+from diffjax.samplers.unipc import UniPCMultistep, unipc

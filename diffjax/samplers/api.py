@@ -4,7 +4,9 @@ Every method is one function of the same shape,
 ``fn(denoiser, schedule, x_T, ts, key, cond, **options) -> (x, stats)`` with ``stats["nfe"]`` the
 model evaluations it made, registered in ``SAMPLERS`` with what it needs (a key?), its default
 grid and the options it takes. This module only chooses the grid, validates input and jits the
-whole loop; the step to sigma = 0 (or a final denoising) is added here, for every method alike.
+whole loop; the step to sigma = 0 (or a final denoising) is added here, for every method but those
+that take it themselves (``SamplerSpec.own_final_step``: EDM's churn and step count reach it), and
+trajectories (``save_at``) are taken here.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from diffjax.consistency import consistency_sample
 from diffjax.parameterization import Denoiser, as_denoiser, check_prediction
 from diffjax.samplers.ancestral import ddim, ddpm, nfe_stats
-from diffjax.samplers.dpm_solver import check_dpm_adaptive, dpm_adaptive, dpm_solver, extrapolate_x0
+from diffjax.samplers.dpm_solver import dpm_solver, extrapolate_x0
 from diffjax.samplers.edm import check_churn, edm_sampler
 from diffjax.samplers.ode import ODE_SOLVERS, is_adaptive, pf_ode
 from diffjax.samplers.trajectory import Trajectory, check_save_at
@@ -138,9 +140,6 @@ SAMPLERS: dict[str, SamplerSpec] = {
                          check_unipc, log_snr_steps=True, own_final_step=True, markov=False),
     # multistep consistency sampling (Song et al. 2023 Alg. 1) of a consistency model read as an x0 model_fn
     "consistency": SamplerSpec(consistency_sample, _always, "trailing", frozenset({"sigma_min"})),
-    # adaptive DPM-Solver-12 / -23 (Lu et al. 2022 sec. 4.2): the solver picks its steps in lambda
-    "dpm_adaptive": SamplerSpec(dpm_adaptive, _never, "logSNR", frozenset({"order", "rtol", "atol", "h_init", "max_steps"}),
-                                check_dpm_adaptive, log_snr_steps=True, adaptive=_always),
 }
 
 METHODS = tuple(SAMPLERS)  # the method names
@@ -273,7 +272,13 @@ def sample(
         when the grid stops at a sizeable sigma, e.g. ``grid="ddim_trailing"``; see
         ``diffjax.samplers.extrapolate_x0``), ``consistency`` (a consistency model, ``diffjax.consistency``:
         f at each grid time and fresh noise down to the next, CM Alg. 1; option ``sigma_min``, the model's
-        s_min = 0.002; needs a key; default grid trailing: 1 step = 1 NFE from t_max, 2 steps via t_max / 2).
+        s_min = 0.002; needs a key; default grid trailing: 1 step = 1 NFE from t_max, 2 steps via t_max / 2),
+        ``edm_heun`` / ``edm_euler`` (EDM Alg. 1, Heun in s = sigma / alpha, 2 evaluations per step and one
+        Euler step to sigma = 0 (k-diffusion's ``sample_heun`` / ``sample_euler``); options ``S_churn``,
+        ``S_tmin``, ``S_tmax``, ``S_noise``: Alg. 2's churn, S_churn > 0 needs a key; default grid karras),
+        ``unipc`` (UniPC, one evaluation per step; options ``order`` 1-3 (default 2), ``variant`` bh1 / bh2
+        (default bh2), ``predict_x0`` (default True; False: noise-prediction form), ``corrector`` (default
+        True), ``lower_order_final`` (default True: order <= the intervals left, as diffusers)).
       num_steps: solver steps (grid intervals); adaptive ``pf_ode`` ignores it.
       key: PRNG key, required by stochastic methods.
       prediction: what ``model_fn`` predicts: eps (the default), x0, v, score or flow; with a
@@ -281,14 +286,26 @@ def sample(
       cond: passed to ``model_fn`` unchanged.
       t_start, t_end: integration interval, default ``schedule.t_max`` and ``schedule.t_min``.
         ``t_end = 0`` ends with the exact step to sigma = 0 (the denoised x_0).
-      grid: time_uniform, time_quadratic, logSNR, trailing (uniform in t; ending at t = 0, all
+      grid: time_uniform (alias linspace), time_quadratic, logSNR (alias log_sigma), karras (EDM eq. 5 in
+        sigma / alpha, rho = 7; ``"karras:rho=5"`` sets rho), trailing (uniform in t; ending at t = 0, all
         ``num_steps`` intervals reach down to 0, the last being the step to x_0), ddim_trailing / ddim_linear / ddim_quadratic
+        / ddim_leading (alias leading: diffusers' leading spacing, ``"leading:steps_offset=1"`` for Stable
+        Diffusion's offset)
         (sub-sequences of a DiscreteDDPM chain, ending at t = 0; ddim_trailing, the default for
         ddpm/ddim with t_end=0, starts at step N; the DDIM paper's linear/quadratic start below it
         and x_T is taken at their first time), or an explicit decreasing array of times (which
         fixes t_start and t_end).
       denoise_final: return E[x_0 | x_{t_end}] instead of x_{t_end} (one more evaluation).
       return_nfe: also return the number of model evaluations made.
+      save_at: grid indices (0 = x_T, -1 = the last grid time) or ``"all"``: also return a ``Trajectory``
+        (t, x, x0) of the states and E[x_0 | x_t] there (``diffjax.samplers.trajectory``). Methods with a
+        multistep history save from inside their solve (edm_*, unipc); other methods without one solve the
+        grid in segments between the saved indices (a stochastic one then draws each segment's noise from
+        ``fold_in(key, segment)``, another path than without save_at); dpm_solver++_2m / 3m raise.
+
+    Returns:
+      ``x``; with ``save_at`` and / or ``return_nfe``: ``(x, trajectory)``, ``(x, nfe)`` or
+      ``(x, trajectory, nfe)``.
     """
     if method not in SAMPLERS:
         raise ValueError(f"method must be one of {tuple(SAMPLERS)}; got {method!r}")

@@ -1,0 +1,123 @@
+"""UniPC (Zhao et al. 2023): UniP-1 is DDIM; the corrector raises the order by one, for bh1 and bh2."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import diffjax
+from diffjax.parameterization import make_denoiser
+from diffjax.samplers import ddim_step
+from diffjax.samplers.dpm_solver import denoiser_term
+from diffjax.samplers.unipc import UniPCMultistep
+from diffjax.testing.gmm import GaussianMixture, random_mixture, ring_mixture
+
+KEY = jax.random.PRNGKey(0)
+
+
+def test_unip1_is_ddim():
+    """UniPC order 1 without the corrector, over several steps of a grid, is DDIM (eta = 0) step by step."""
+    sched = diffjax.VPLinear()
+    den = make_denoiser(ring_mixture().model_fn(sched), sched)
+    term = denoiser_term(den, sched)
+    ts = jnp.array([0.9, 0.6, 0.35, 0.2, 0.05])
+    lams = sched.log_snr(ts)
+    x_T = sched.prior_sample(KEY, (32, 2)) * sched.sigma(0.9)
+
+    @jax.jit
+    def both(x_T):
+        solver = UniPCMultistep(sched, 1, corrector=False, num_intervals=4)
+        x, d, state = x_T, x_T, solver.init(term, lams[0], lams[1], x_T, None)
+        for i in range(4):
+            x, _, _, state, _ = solver.step(term, lams[i], lams[i + 1], x, None, state, False)
+            d = ddim_step(sched, den(d, ts[i]), ts[i + 1], ts[i])
+        return x, d
+
+    np.testing.assert_allclose(*both(x_T), atol=3e-5, rtol=1e-5)
+
+
+def _flow(g, sched, y_a, s_a, lam):
+    """The exact PF-ODE state of the Gaussian ``g`` at log-SNR lam: x = alpha y with
+    y(s) = mu + (y_a - mu) sqrt((var + s^2) / (var + s_a^2)), s = exp(-lam)."""
+    s = jnp.exp(-lam)
+    y = g.means[0] + (y_a - g.means[0]) * jnp.sqrt((g.variances[0] + s**2) / (g.variances[0] + s_a**2))
+    return sched.alpha(sched.t_from_log_snr(lam)) * y
+
+
+CONFIGS = [(p, v, True) for p in (1, 2, 3) for v in ("bh1", "bh2")] + [(2, "bh2", False), (3, "bh1", False)]
+
+
+def test_local_orders_predictor_and_corrector():
+    """From the exact states and model outputs at lambda_0 - k h of a Gaussian's flow: UniP-p has local error
+    O(h^(p+1)) and UniC-p, fed the model at the predicted point, O(h^(p+2)) (order p+1), bh1 and bh2, x0 and eps."""
+    with jax.enable_x64(True):
+        sched = diffjax.VPLinear()
+        g = GaussianMixture(np.ones(1), np.array([[0.7, -0.4]]), np.array([[0.09, 0.25]]))
+        term = denoiser_term(make_denoiser(g.model_fn(sched), sched), sched)
+        y_a = jax.random.normal(KEY, (16, 2), jnp.float64) * 3.0
+        lam0 = jnp.asarray(-0.5)
+        exact = lambda lam: _flow(g, sched, y_a, jnp.exp(-lam0), lam)
+
+        @jax.jit
+        def errors(h):
+            lams = [lam0 - k * h for k in range(3)]  # lambda_0, lambda_-1, lambda_-2
+            lam_t = lam0 + h
+            out = []
+            for p, variant, x0_form in CONFIGS:
+                sol = UniPCMultistep(sched, p, variant, x0_form)
+                ms = [sol._model(term, lam, exact(lam), None) for lam in lams]
+                x_p = sol._predict(exact(lam0), lam0, lam_t, ms[0], ms[1:], lams[1:], p)
+                m_t = sol._model(term, lam_t, x_p, None)
+                x_c = sol._correct(exact(lam0), lam0, lam_t, m_t, ms, lams, p)
+                out.append([jnp.sqrt(jnp.mean((x - exact(lam_t)) ** 2)) for x in (x_p, x_c)])
+            return jnp.asarray(out)
+
+        hs = (0.2, 0.1, 0.05)
+        errs = np.stack([np.asarray(errors(h)) for h in hs])  # (h, config, predictor / corrector)
+    orders = np.log2(errs[:-1] / errs[1:])[-1]  # the finest pair
+    for (p, variant, x0_form), (o_pred, o_corr) in zip(CONFIGS, orders):
+        assert abs(o_pred - (p + 1)) < 0.3, (p, variant, x0_form, errs, orders)
+        assert abs(o_corr - (p + 2)) < 0.3, (p, variant, x0_form, errs, orders)
+
+
+def test_unipc_through_sample():
+    """One evaluation per step to t = 0 (the last step is UniP-1 to sigma = 0, as diffusers), close to the exact ODE
+    endpoint and closer than DDIM at 10 steps; warm-up and lower_order_final follow the grid."""
+    sched = diffjax.VPLinear()
+    mf = ring_mixture().model_fn(sched)
+    x_T = sched.prior_sample(KEY, (256, 2))
+    ref = diffjax.sample(mf, sched, x_T, method="pf_ode", num_steps=1, t_end=0.0, rtol=1e-6, atol=1e-6)
+    x, nfe = diffjax.sample(mf, sched, x_T, method="unipc", num_steps=10, t_end=0.0, return_nfe=True)
+    d = diffjax.sample(mf, sched, x_T, method="ddim", num_steps=10, t_end=0.0, grid="logSNR")
+    err, err_ddim = (float(jnp.sqrt(jnp.mean((a - ref) ** 2))) for a in (x, d))
+    assert nfe == 10
+    assert err < 0.6 * err_ddim and err < 0.08, (err, err_ddim)
+
+
+def test_unipc_bad_input():
+    sched = diffjax.VPLinear()
+    mf = ring_mixture().model_fn(sched)
+    x_T = sched.prior_sample(KEY, (4, 2))
+    for bad, match in (({"order": 4}, "order must be 1, 2 or 3"), ({"variant": "bh3"}, "variant must be one of"),
+                       ({"rho": 1}, "unknown option")):
+        with pytest.raises(ValueError, match=match):
+            diffjax.sample(mf, sched, x_T, method="unipc", num_steps=3, **bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order, variant, steps", [(1, "bh2", (16, 32, 64)), (2, "bh1", (32, 64, 128)),
+                                                   (2, "bh2", (32, 64, 128)), (3, "bh2", (32, 64, 128))])
+def test_unipc_global_orders(order, variant, steps):
+    """On a 3-D mixture, logSNR grid to t = 1e-2, no lowered final orders: UniPC-k converges at order k + 1."""
+    with jax.enable_x64(True):
+        sched = diffjax.VPLinear()
+        g = random_mixture(jax.random.PRNGKey(7), dim=3, num_components=3, std_range=(0.3, 0.6))
+        mf = g.model_fn(sched, "eps")
+        x_T = sched.prior_sample(KEY, (64, 3), jnp.float64)
+        ref = diffjax.sample(mf, sched, x_T, method="pf_ode", num_steps=1, t_end=1e-2, rtol=1e-12, atol=1e-12,
+                             max_steps=100000)
+        errs = np.array([float(jnp.sqrt(jnp.mean((diffjax.sample(
+            mf, sched, x_T, method="unipc", num_steps=n, t_end=1e-2, order=order, variant=variant,
+            lower_order_final=False) - ref) ** 2))) for n in steps])
+    orders = np.log2(errs[:-1] / errs[1:])
+    assert abs(orders[-1] - (order + 1)) < 0.4 and np.all(orders > order + 0.4), (errs, orders)
