@@ -28,6 +28,9 @@ Commands:
   python experiments/benchmarks/peers/diffusers_peer.py [--quick]                       # needs torch + diffusers
   /work/venvs/kdiff/bin/python experiments/benchmarks/peers/kdiffusion_peer.py [--quick]  # k-diffusion venv
   python experiments/benchmarks/bench_samplers.py [--quick] --merge-only   # recompute table incl. peer outputs
+  # the few-step frontier (issue 25): NFE 5/10/20, every grid, optimised grids, adaptive DPM-Solver sweep
+  python experiments/benchmarks/bench_samplers.py --frontier --problems ring   # then gmm32; peers with --problems
+  python experiments/benchmarks/bench_samplers.py --frontier --merge-only --write-section
   # or all in one go:
   python experiments/benchmarks/bench_samplers.py [--quick] --run-peers \\
       --diffusers-python python --kdiff-python /work/venvs/kdiff/bin/python
@@ -208,6 +211,158 @@ def run_problem(name, n, nfes, full, reps):
     return info, rows
 
 
+# ---- the few-step frontier (issue 25): NFE 5 / 10 / 20, every sampler on its best grids ------------------
+
+FRONTIER_NFES = (5, 10, 20)
+# fixed-grid rows: (method, evaluations per step, options); each on every grid of FRONTIER_GRIDS it takes
+FRONTIER_METHODS = [
+    ("ddim", 1, {}), ("dpm_solver_3", 3, {}), ("dpm_solver++_2m", 1, {}), ("dpm_solver++_3m", 1, {}),
+    ("edm_heun", 2, {}), ("unipc", 1, {"order": 2, "variant": "bh2"}), ("unipc", 1, {"order": 3, "variant": "bh2"}),
+    ("unipc", 1, {"order": 3, "variant": "bh1"}),
+]
+FRONTIER_GRIDS = ("logSNR", "time_quadratic", "time_uniform", "karras")
+# (method, evaluations per step, options, grid): the chain's trailing grid with the extrapolated final step,
+# diffjax's best on gmm32 before issue 25
+FRONTIER_EXTRA = [(m, 1, {"final_step": "extrapolate"}, "ddim_trailing") for m in ("dpm_solver++_2m", "dpm_solver++_3m")]
+# samplers whose grid is optimised per problem and budget (grid_search.optimise_grid), fitted on other x_T
+OPTIMISED = [("dpm_solver++_2m", 1, {}), ("dpm_solver++_3m", 1, {}), ("dpm_solver++_3m", 1, {"final_step": "extrapolate"}),
+             ("unipc", 1, {"order": 3, "variant": "bh2"})]
+OPT_TRAIN = dict(n=300, key=20, sweeps=4, candidates=9)
+# adaptive DPM-Solver sweep: (order, rtol, atol)
+DPM_ADAPTIVE_SWEEP = ([(3, tol, tol) for tol in (0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.003)]
+                      + [(2, tol, tol) for tol in (0.1, 0.05, 0.02, 0.01)])
+GRIDS_DIR = os.path.join(RESULTS, "grids")
+
+
+def _label(method, options, grid):
+    opts = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+    return f"{method}[{opts + ',' if opts else ''}{grid}]"
+
+
+def _available(method, grid):
+    from diffjax.timesteps import GRIDS, SUBSEQUENCE_GRIDS
+
+    return method in diffjax.SAMPLERS and (not isinstance(grid, str) or grid in GRIDS + SUBSEQUENCE_GRIDS)
+
+
+def setup_problem(name, n, nfes):
+    """The problem, its reference endpoint (Tsit5 rtol = atol = 1e-6, checked against DPM-Solver-3 on 500
+    logSNR steps) and the peers' input file."""
+    sched, g, x_T, exact1, exact2 = make_problem(name, n)
+    model_fn = g.model_fn(sched, "eps")
+    sw_key = jax.random.PRNGKey(13)
+    sw = lambda x: float(sliced_wasserstein(jnp.asarray(x, jnp.float32), exact1, sw_key))
+    ref, ref_nfe = diffjax.sample(model_fn, sched, x_T, method="pf_ode", num_steps=ADAPTIVE_STEPS, solver="tsit5",
+                                  rtol=1e-6, atol=1e-6, t_end=0.0, return_nfe=True)
+    ref_dpm3 = diffjax.sample(model_fn, sched, x_T, method="dpm_solver_3", num_steps=500, t_end=0.0)
+    info = dict(problem=name, n=n, dim=g.dim, floor_sw=sw(exact2), ref_nfe=ref_nfe, ref_sw=sw(ref),
+                ref_vs_dpm3_500_rms=rms(ref, ref_dpm3))
+    print(f"[{name}] ref NFE {ref_nfe}, |tsit5(1e-6) - dpm_solver_3(500 steps)| RMS {info['ref_vs_dpm3_500_rms']:.2e}",
+          flush=True)
+    os.makedirs(RESULTS, exist_ok=True)
+    np.savez(os.path.join(RESULTS, f"{name}_problem.npz"),
+             weights=np.asarray(g.weights), means=np.asarray(g.means), variances=np.asarray(g.variances),
+             x_T=np.asarray(x_T), ref=np.asarray(ref), exact1=np.asarray(exact1),
+             alphas_cumprod=np.asarray(sched.alphas_cumprod), nfes=np.asarray(nfes))
+    return dict(sched=sched, g=g, model_fn=model_fn, x_T=x_T, ref=ref, sw=sw, info=info)
+
+
+def _row(ctx, label, budget, steps, x, nfe, wall, **extra):
+    row = dict(lib="diffjax", label=label, budget=budget, steps=steps, nfe=int(nfe), deterministic=True,
+               sw=ctx["sw"](x), rms=rms(x, ctx["ref"]), wall_s=wall, finite=bool(np.all(np.isfinite(np.asarray(x)))),
+               **extra)
+    print(f"  {label:52s} B={budget} S={steps} NFE={nfe:3d} RMS={row['rms']:.3e} wall={wall*1e3:.1f}ms", flush=True)
+    return row
+
+
+def run_frontier(name, n, reps):
+    """diffjax at NFE 5 / 10 / 20: fixed grids, optimised grids, and the adaptive DPM-Solver sweep."""
+    from diffjax.samplers.grid_search import optimise_grid, save_grid
+
+    ctx = setup_problem(name, n, FRONTIER_NFES)
+    sched, model_fn, x_T = ctx["sched"], ctx["model_fn"], ctx["x_T"]
+    rows = []
+    combos = [(m, k, o, g) for m, k, o in FRONTIER_METHODS for g in FRONTIER_GRIDS] + FRONTIER_EXTRA
+    for budget in FRONTIER_NFES:
+        for method, k, opts, grid in combos:
+            steps = steps_for_budget(budget, k)
+            if steps < 2 or not _available(method, grid):
+                continue
+            kw = dict(method=method, num_steps=steps, t_end=0.0, grid=grid, return_nfe=True, **opts)
+            try:
+                (x, nfe), wall = timed(lambda: diffjax.sample(model_fn, sched, x_T, **kw), reps)
+            except Exception as e:  # report, don't die
+                print(f"  {_label(method, opts, grid)} B={budget}: FAILED {type(e).__name__}: {e}", flush=True)
+                continue
+            rows.append(_row(ctx, _label(method, opts, grid), budget, steps, x, nfe, wall))
+    # optimised grids: fitted on OPT_TRAIN["n"] other starting points, judged on the benchmark's x_T
+    x_train = sched.prior_sample(jax.random.PRNGKey(OPT_TRAIN["key"]), (OPT_TRAIN["n"], ctx["g"].dim))
+    ref_train = diffjax.sample(model_fn, sched, x_train, method="pf_ode", num_steps=ADAPTIVE_STEPS, solver="tsit5",
+                               rtol=1e-6, atol=1e-6, t_end=0.0)
+    os.makedirs(GRIDS_DIR, exist_ok=True)
+    for budget in FRONTIER_NFES:
+        for method, k, opts in OPTIMISED:
+            steps = steps_for_budget(budget, k)
+            if steps < 2 or not _available(method, None):
+                continue
+            t0 = time.perf_counter()
+            ts, meta = optimise_grid(model_fn, sched, x_train, method=method, num_steps=steps, reference=ref_train,
+                                     sweeps=OPT_TRAIN["sweeps"], candidates=OPT_TRAIN["candidates"], **opts)
+            search_s = time.perf_counter() - t0
+            meta.update(problem=name, budget=budget, search_s=search_s)
+            label = _label(method, opts, "optimised")
+            save_grid(os.path.join(GRIDS_DIR, f"{name}_{label}_B{budget}.npz".replace("[", "_").replace("]", "")
+                                   .replace(",", "_").replace("=", "")), ts, **meta)
+            kw = dict(method=method, num_steps=steps, grid=ts, return_nfe=True, **opts)
+            (x, nfe), wall = timed(lambda: diffjax.sample(model_fn, sched, x_T, **kw), reps)
+            rows.append(_row(ctx, label, budget, steps, x, nfe, wall, grid=[float(t) for t in ts],
+                             train_rms=meta["rms"], search_s=search_s))
+    for order, rtol, atol in DPM_ADAPTIVE_SWEEP:
+        kw = dict(method="dpm_adaptive", num_steps=ADAPTIVE_STEPS, t_end=0.0, order=order, rtol=rtol, atol=atol,
+                  return_nfe=True)
+        (x, nfe), wall = timed(lambda: diffjax.sample(model_fn, sched, x_T, **kw), reps)
+        rows.append(_row(ctx, f"dpm_adaptive[order={order},rtol={rtol:g},atol={atol:g}]", None, None, x, nfe, wall,
+                         adaptive=dict(order=order, rtol=rtol, atol=atol)))
+    return ctx["info"], rows
+
+
+def frontier_verdict(rows):
+    """The issue-25 targets: best diffjax <= 0.8x best peer RMS at each budget; adaptive at <= 0.8x k-diffusion's NFE."""
+    out = []
+    for b in FRONTIER_NFES:
+        det = [r for r in rows if r.get("budget") == b and r.get("rms") is not None and math.isfinite(r["rms"])
+               and r.get("deterministic")]
+        dj = [r for r in det if r["lib"] == "diffjax"]
+        peers = [r for r in det if r["lib"] != "diffjax"]
+        if not dj or not peers:
+            out.append(f"NFE {b}: no peer results in this run")
+            continue
+        best, best_peer = min(dj, key=lambda r: r["rms"]), min(peers, key=lambda r: r["rms"])
+        ratio = best["rms"] / best_peer["rms"]
+        best_fixed = min((r for r in dj if "optimised" not in r["label"]), key=lambda r: r["rms"])
+        out.append(f"NFE {b}: diffjax best `{best['label']}` RMS {best['rms']:.3e} (NFE {best['nfe']}) vs best peer "
+                   f"{best_peer['lib']} `{best_peer['label']}` {best_peer['rms']:.3e} (NFE {best_peer['nfe']}): ratio "
+                   f"**{ratio:.2f}** -> {'MET' if ratio <= 0.8 else 'NOT MET'} (target <= 0.8); best named grid "
+                   f"`{best_fixed['label']}` {best_fixed['rms']:.3e} (ratio {best_fixed['rms'] / best_peer['rms']:.2f})")
+    dj_ad = sorted((r for r in rows if r["lib"] == "diffjax" and r.get("adaptive")), key=lambda r: r["nfe"])
+    kd_ad = sorted((r for r in rows if r["lib"] == "kdiffusion" and "dpm_adaptive" in r["label"]),
+                   key=lambda r: r["nfe"])
+    for r in kd_ad:
+        if not math.isfinite(r["rms"]):
+            continue
+        hits = [d for d in dj_ad if d["rms"] <= r["rms"]]
+        if not hits:
+            out.append(f"adaptive: k-diffusion `{r['label']}` RMS {r['rms']:.3e} at NFE {r['nfe']}: no diffjax "
+                       "dpm_adaptive setting of the sweep reaches it")
+            continue
+        d = min(hits, key=lambda d: d["nfe"])
+        ratio = d["nfe"] / r["nfe"]
+        out.append(f"adaptive: k-diffusion `{r['label']}` RMS {r['rms']:.3e} at NFE {r['nfe']}; diffjax `{d['label']}` "
+                   f"RMS {d['rms']:.3e} at NFE {d['nfe']}: NFE ratio **{ratio:.2f}** -> "
+                   f"{'MET' if ratio <= 0.8 else 'NOT MET'} (target <= 0.8)")
+    return out
+
+
 def merge_peers(name, info, reps_rows):
     """Load peer outputs (experiments/benchmarks/results/peer_<lib>_<problem>.{json,npz}); score them here."""
     data = np.load(os.path.join(RESULTS, f"{name}_problem.npz"))
@@ -216,7 +371,7 @@ def merge_peers(name, info, reps_rows):
     rows = []
     for lib in ("diffusers", "kdiffusion"):
         meta_path = os.path.join(RESULTS, f"peer_{lib}_{name}.json")
-        if not os.path.exists(meta_path):
+        if not (os.path.exists(meta_path) and os.path.exists(os.path.join(RESULTS, f"peer_{lib}_{name}.npz"))):
             continue
         meta = json.load(open(meta_path))
         outs = np.load(os.path.join(RESULTS, f"peer_{lib}_{name}.npz"))
@@ -395,6 +550,52 @@ def overhead(reps=7):
                 load_average=os.getloadavg(), rows=rows)
 
 
+def frontier_main(args):
+    names = [p for p in args.problems.split(",") if p]
+    for name in names:
+        if name not in ("ring", "gmm32"):
+            raise SystemExit(f"--problems: unknown problem {name!r} (ring, gmm32)")
+    if not args.merge_only:
+        for name in names:
+            info, rows = run_frontier(name, 2000, reps=3)
+            meta = dict(jax=jax.__version__, backend=jax.default_backend(), cpu_count=os.cpu_count(),
+                        load_average=os.getloadavg())
+            json.dump(dict(info=info, rows=rows, meta=meta),
+                      open(os.path.join(RESULTS, f"diffjax_frontier_{name}.json"), "w"), indent=1)
+    if args.run_peers:
+        for py, script in ((args.diffusers_python, "diffusers_peer.py"), (args.kdiff_python, "kdiffusion_peer.py")):
+            cmd = [py, os.path.join(HERE, "peers", script), "--problems", ",".join(names)]
+            print("running", " ".join(cmd), flush=True)
+            if subprocess.run(cmd).returncode:
+                print(f"peer {script} failed", flush=True)
+    md = []
+    for name in ("ring", "gmm32"):
+        path = os.path.join(RESULTS, f"diffjax_frontier_{name}.json")
+        if not os.path.exists(path):
+            continue
+        dj = json.load(open(path))
+        info, rows = dj["info"], list(dj["rows"])
+        rows += merge_peers(name, info, rows)
+        md += [f"**{name}** (dim {info['dim']}, n = {info['n']}; reference Tsit5 rtol = atol = 1e-6, {info['ref_nfe']} "
+               f"NFE, RMS {info['ref_vs_dpm3_500_rms']:.1e} from DPM-Solver-3 on 500 logSNR steps; load average "
+               f"during the diffjax run {', '.join(f'{v:.1f}' for v in dj['meta']['load_average'])})", ""]
+        md += ["- " + v for v in frontier_verdict(rows)] + [""]
+        md.append(fmt_matrix(info, rows, FRONTIER_NFES))
+        md.append("")
+        ad = sorted((r for r in rows if r["budget"] is None), key=lambda r: (r["lib"], r["label"].split("rtol")[0], r["nfe"]))
+        md += [f"Adaptive solvers on **{name}** (each ends with the step to sigma = 0, counted in NFE):", "",
+               "| lib | setting | NFE | ODE-endpoint RMS |", "|---|---|---|---|"]
+        md += [f"| {r['lib']} | {r['label']} | {r['nfe']} | {r['rms']:.3e} |" for r in ad]
+        md.append("")
+        json.dump(dict(dj, merged_rows=rows), open(os.path.join(RESULTS, f"merged_frontier_{name}.json"), "w"),
+                  indent=1)
+    text = "\n".join(md)
+    print(text)
+    open(os.path.join(RESULTS, "samplers_frontier.md"), "w").write(text + "\n")
+    if args.write_section:
+        write_section("samplers-frontier", text, "python experiments/benchmarks/bench_samplers.py --frontier")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -404,8 +605,15 @@ def main():
     ap.add_argument("--run-peers", action="store_true")
     ap.add_argument("--diffusers-python", default=sys.executable)
     ap.add_argument("--kdiff-python", default="/work/venvs/kdiff/bin/python")
+    ap.add_argument("--frontier", action="store_true",
+                    help="NFE 5/10/20 on every grid, optimised grids and the adaptive DPM-Solver sweep (issue 25)")
+    ap.add_argument("--write-section", action="store_true", help="--frontier: write BENCHMARKS.md's section")
+    ap.add_argument("--problems", default="ring,gmm32", help="--frontier: comma-separated problems to run")
     args = ap.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
+    if args.frontier:
+        frontier_main(args)
+        return
     if args.overhead:
         res = overhead()
         json.dump(res, open(os.path.join(RESULTS, "overhead.json"), "w"), indent=1)

@@ -83,6 +83,15 @@ def configs():
         "UniPCMultistep[bh1,order3]": (
             lambda: UniPCMultistepScheduler(**common, solver_type="bh1", solver_order=3),
             run_discrete),
+        # the peers' own best settings (issue 25): Karras sigmas for UniPC and DPM-Solver++(3M)
+        "UniPCMultistep[bh2,karras]": (
+            lambda: UniPCMultistepScheduler(**common, use_karras_sigmas=True), run_discrete),
+        "UniPCMultistep[bh2,order3,karras]": (
+            lambda: UniPCMultistepScheduler(**common, solver_order=3, use_karras_sigmas=True), run_discrete),
+        "DPMSolverMultistep[++3M,karras]": (
+            lambda: DPMSolverMultistepScheduler(**common, solver_order=3, use_karras_sigmas=True), run_discrete),
+        "DPMSolverMultistep[++3M,lu_lambdas]": (
+            lambda: DPMSolverMultistepScheduler(**common, solver_order=3, use_lu_lambdas=True), run_discrete),
         "EulerDiscrete": (lambda: EulerDiscreteScheduler(**common), run_euler),
         "EulerDiscrete[karras]": (lambda: EulerDiscreteScheduler(**common, use_karras_sigmas=True),
                                   run_euler),

@@ -51,9 +51,11 @@ def peer_problems(results_dir):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--problems", default=None, help="comma-separated problems (default ring, gmm32; ring if --quick)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    for name in (["ring"] if args.quick else ["ring", "gmm32"]):
+    names = args.problems.split(",") if args.problems else (["ring"] if args.quick else ["ring", "gmm32"])
+    for name in names:
         path = os.path.join(results_dir, f"{name}_problem.npz")
         if not os.path.exists(path):
             print(f"skip {name}: {path} missing (run bench_samplers.py first)")
