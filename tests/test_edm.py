@@ -1,5 +1,6 @@
 """EDM's Heun sampler and its stochastic form (Karras et al. 2022 Alg. 1 / 2) against their published loops."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,13 +80,13 @@ def test_edm_heun_is_k_diffusion_sample_heun(heun_runs):
     x, nfe = heun_runs["det"]
     ref = heun_runs["ref_det"]
     assert nfe == 2 * N - 1
-    assert np.max(np.abs(np.asarray(x) - ref)) < 1e-9 * max(1.0, np.max(np.abs(ref))), np.max(np.abs(x - ref))
+    chex.assert_trees_all_close(np.asarray(x), ref, rtol=0, atol=1e-9 * max(1.0, np.max(np.abs(ref))))
 
 
 def test_edm_churn_is_algorithm_2(heun_runs):
     """S_churn > 0: Alg. 2 (k-diffusion's churn, the last step's included) with the same noise, to round-off."""
     x, ref = np.asarray(heun_runs["churn"]), heun_runs["ref_churn"]
-    assert np.max(np.abs(x - ref)) < 1e-9 * max(1.0, np.max(np.abs(ref)))
+    chex.assert_trees_all_close(x, ref, rtol=0, atol=1e-9 * max(1.0, np.max(np.abs(ref))))
     assert np.max(np.abs(x - heun_runs["ref_det"])) > 1e-3  # the churn moved the sample by far more than round-off
 
 
@@ -99,7 +100,7 @@ def test_zero_churn_is_deterministic():
                                     for churn in (dict(S_churn=0.0), dict(S_churn=5.0, S_tmax=1e-3))]
     det, *churned = jax.jit(lambda x: [s.step(term, l0, l1, x, None, jnp.array(0), False)[0] for s in solvers])(x)
     for c in churned:  # equal up to float32 round-off (XLA fuses the two programs differently)
-        np.testing.assert_allclose(c, det, rtol=2e-6, atol=2e-6)
+        chex.assert_trees_all_close(c, det, rtol=2e-6, atol=2e-6)
 
 
 def _gaussian_flow(mu, var, y_a, s_a, s):
@@ -144,7 +145,7 @@ def test_edm_euler_is_ddim():
         return euler, ddim_step(sched, den(x, s_), t_, s_)
 
     for s_, t_ in ((0.7, 0.5), (0.3, 0.05)):
-        np.testing.assert_allclose(*both(s_, t_), atol=2e-5, rtol=1e-5)
+        chex.assert_trees_all_close(*both(s_, t_), atol=2e-5, rtol=1e-5)
 
 
 def test_edm_bad_input():

@@ -1,5 +1,6 @@
 """``diffjax.sample(..., save_at=...)``: the states and x0 predictions at chosen grid times; the plotting helpers."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,23 +27,24 @@ def test_segmented_trajectory_is_the_run():
     assert traj.x.shape == (3, 16, 2) and traj.x0.shape == (3, 16, 2)
     np.testing.assert_array_equal(traj.t, TS[jnp.array([0, 2, 5])])
     np.testing.assert_array_equal(traj.x[0], X_T)
-    np.testing.assert_allclose(traj.x[1], diffjax.sample(MF, VP, X_T, method="ddim", num_steps=2, grid=TS[:3]),
-                               atol=1e-6, rtol=1e-6)
-    np.testing.assert_allclose(x, diffjax.sample(MF, VP, X_T, method="ddim", num_steps=5, grid=TS), atol=1e-6)
-    np.testing.assert_array_equal(traj.x[-1], x)
-    np.testing.assert_array_equal(traj.x0[-1], x)
+    chex.assert_trees_all_close(traj.x[1], diffjax.sample(MF, VP, X_T, method="ddim", num_steps=2, grid=TS[:3]),
+                                atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(x, diffjax.sample(MF, VP, X_T, method="ddim", num_steps=5, grid=TS), atol=1e-6)
+    chex.assert_trees_all_equal(traj.x[-1], x)
+    chex.assert_trees_all_equal(traj.x0[-1], x)
     den = make_denoiser(MF, VP)
-    np.testing.assert_allclose(traj.x0[1], den(traj.x[1], TS[2]).x0, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(traj.x0[1], den(traj.x[1], TS[2]).x0, atol=1e-5, rtol=1e-5)
 
 
-def test_multistep_trajectory_is_saved_by_the_solver():
-    """UniPC (multistep history, saved by its own solve): the state at index 3 is the run on TS[:4] (no lowered
-    final orders); save_at='all' returns every grid time."""
-    _, traj = diffjax.sample(MF, VP, X_T, method="unipc", num_steps=5, grid=TS, save_at="all",
-                             lower_order_final=False)
-    assert traj.x.shape == (6, 16, 2)
-    part = diffjax.sample(MF, VP, X_T, method="unipc", num_steps=3, grid=TS[:4], lower_order_final=False)
-    np.testing.assert_allclose(traj.x[3], part, atol=1e-5, rtol=1e-5)
+def test_solver_saved_trajectory():
+    """A method that saves from inside its solve (edm_euler; unipc shares the path): the state at index 3 is the
+    run on TS[:4]; save_at='all' returns every grid time, the last the sample; one evaluation per interval."""
+    x, traj, nfe = diffjax.sample(MF, VP, X_T, method="edm_euler", num_steps=5, grid=TS, save_at="all",
+                                  return_nfe=True)
+    assert traj.x.shape == (6, 16, 2) and nfe == 5
+    chex.assert_trees_all_equal(traj.x[-1], x)
+    part = diffjax.sample(MF, VP, X_T, method="edm_euler", num_steps=3, grid=TS[:4])
+    chex.assert_trees_all_close(traj.x[3], part, atol=1e-5, rtol=1e-5)
 
 
 def test_save_at_bad_input():

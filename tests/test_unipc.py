@@ -1,5 +1,6 @@
 """UniPC (Zhao et al. 2023): UniP-1 is DDIM; the corrector raises the order by one, for bh1 and bh2."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +34,7 @@ def test_unip1_is_ddim():
             d = ddim_step(sched, den(d, ts[i]), ts[i + 1], ts[i])
         return x, d
 
-    np.testing.assert_allclose(*both(x_T), atol=3e-5, rtol=1e-5)
+    chex.assert_trees_all_close(*both(x_T), atol=3e-5, rtol=1e-5)
 
 
 def _flow(g, sched, y_a, s_a, lam):
@@ -80,6 +81,7 @@ def test_local_orders_predictor_and_corrector():
         assert abs(o_corr - (p + 2)) < 0.3, (p, variant, x0_form, errs, orders)
 
 
+@pytest.mark.slow
 def test_unipc_through_sample():
     """One evaluation per step to t = 0 (the last step is UniP-1 to sigma = 0, as diffusers), close to the exact ODE
     endpoint and closer than DDIM at 10 steps; warm-up and lower_order_final follow the grid."""
@@ -121,3 +123,74 @@ def test_unipc_global_orders(order, variant, steps):
             lower_order_final=False) - ref) ** 2))) for n in steps])
     orders = np.log2(errs[:-1] / errs[1:])
     assert abs(orders[-1] - (order + 1)) < 0.4 and np.all(orders > order + 0.4), (errs, orders)
+
+
+def _diffusers_unipc(model, x, alphas, sigmas, order, variant):
+    """diffusers' UniPCMultistepScheduler.step loop (x0 form, lower_order_final, final sigma = 0) in numpy:
+    ``model(x, i)`` is the x0 prediction at grid point i; alphas / sigmas of the grid, the last sigma 0."""
+    n = len(sigmas) - 1
+    lam = np.log(alphas[:-1]) - np.log(sigmas[:-1])
+
+    def coeffs(rks, hh, k):
+        b_h = hh if variant == "bh1" else np.expm1(hh)
+        h_phi_k, fact, rows, b = np.expm1(hh) / hh - 1, 1, [], []
+        for i in range(1, k + 1):
+            rows.append(np.asarray(rks) ** (i - 1))
+            b.append(h_phi_k * fact / b_h)
+            fact *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / fact
+        return np.stack(rows), np.asarray(b), b_h
+
+    def uni_p(x, i, k, outs, idx):  # from grid point i to i + 1 with outputs outs[-1] at idx[-1] = i
+        m0 = outs[-1]
+        if sigmas[i + 1] == 0:
+            return m0  # order 1 to sigma = 0: x_t = (0 / sigma_s) x + (1 - 0) m0
+        h = lam[i + 1] - lam[i]
+        rks = [(lam[idx[-(j + 1)]] - lam[i]) / h for j in range(1, k)]
+        d1s = [(outs[-(j + 1)] - m0) / rk for j, rk in zip(range(1, k), rks)]
+        r, b, b_h = coeffs(rks + [1.0], -h, k)
+        rhos = [0.5] if k == 2 else (np.linalg.solve(r[:-1, :-1], b[:-1]) if k == 3 else [])
+        res = sum((rho * d for rho, d in zip(rhos, d1s)), np.zeros_like(x))
+        return sigmas[i + 1] / sigmas[i] * x - alphas[i + 1] * np.expm1(-h) * m0 - alphas[i + 1] * b_h * res
+
+    def uni_c(m_t, x_prev, i, k, outs, idx):  # correct the state at point i from i - 1
+        m0 = outs[-1]
+        h = lam[i] - lam[i - 1]
+        rks = [(lam[idx[-(j + 1)]] - lam[i - 1]) / h for j in range(1, k)]
+        d1s = [(outs[-(j + 1)] - m0) / rk for j, rk in zip(range(1, k), rks)]
+        r, b, b_h = coeffs(rks + [1.0], -h, k)
+        rhos = [0.5] if k == 1 else np.linalg.solve(r, b)
+        res = sum((rho * d for rho, d in zip(rhos[:-1], d1s)), np.zeros_like(x_prev)) + rhos[-1] * (m_t - m0)
+        return sigmas[i] / sigmas[i - 1] * x_prev - alphas[i] * np.expm1(-h) * m0 - alphas[i] * b_h * res
+
+    outs, idx, last, this_order, lower = [], [], None, None, 0
+    for i in range(n):
+        m = model(x, i)
+        if i > 0:
+            x = uni_c(m, last, i, this_order, outs, idx)
+        outs, idx = (outs + [m])[-order:], (idx + [i])[-order:]
+        this_order = min(order, n - i, lower + 1)
+        last = x
+        x = uni_p(x, i, this_order, outs, idx)
+        lower = min(lower + 1, order)
+    return x
+
+
+@pytest.mark.parametrize("order, variant", [(3, "bh2"), pytest.param(2, "bh1", marks=pytest.mark.slow),
+                                            pytest.param(2, "bh2", marks=pytest.mark.slow),
+                                            pytest.param(1, "bh2", marks=pytest.mark.slow)])
+def test_unipc_is_diffusers_unipc(order, variant):
+    """diffjax's unipc to t = 0 == diffusers' UniPCMultistepScheduler loop (warm-up, corrector, lower_order_final,
+    the order-1 step to sigma = 0) written out in numpy, on the same grid, to round-off (float64)."""
+    with jax.enable_x64(True):
+        sched = diffjax.VPLinear()
+        g = ring_mixture()
+        ts = jnp.concatenate([diffjax.timesteps.logsnr_uniform(sched, 1.0, sched.t_min, 5), jnp.zeros(1)])
+        x_T = sched.prior_sample(KEY, (64, 2), jnp.float64)
+        x = diffjax.sample(g.model_fn(sched), sched, x_T, method="unipc", num_steps=6, grid=ts, order=order,
+                           variant=variant)
+        alphas, sigmas = np.asarray(sched.alpha(ts)), np.asarray(sched.sigma(ts))
+        den = make_denoiser(g.model_fn(sched), sched)
+        ref = _diffusers_unipc(lambda y, i: np.asarray(den(jnp.asarray(y), ts[i]).x0), np.asarray(x_T), alphas,
+                               sigmas, order, variant)
+    chex.assert_trees_all_close(np.asarray(x), ref, rtol=0, atol=1e-9 * max(1.0, np.max(np.abs(ref))))
