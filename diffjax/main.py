@@ -6,7 +6,9 @@
 
 Writes into the workdir: ``checkpoints/`` (orbax, keep-last-N), ``loss_history.csv``,
 ``tensorboard/`` (scalars and the sample grid), ``samples.png``, ``loss_curve.png`` and
-``metrics.json`` (final_loss, steps_per_sec, test_bpd, ...); with ``--noprogress`` a line (step, loss,
+``metrics.json`` (final_loss, steps_per_sec, test_bpd, ...);
+``--compilation_cache_dir DIR`` (or ``config.training.compilation_cache_dir``) keeps JAX's compiled programs
+on disk, so a second run with the same config skips most of its compilation; with ``--noprogress`` a line (step, loss,
 steps/s) every ``training.log_every`` steps on stdout. Running it again with the same ``--workdir``
 resumes from the last checkpoint; ``diffjax.load_run(workdir)`` loads the run from Python. This module
 defines its flags only when run as a program, so importing it has no side effects. A multi-host run starts every process with this
@@ -39,9 +41,26 @@ def _define_flags():
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-host run.")
     flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
     flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+    flags.DEFINE_string("compilation_cache_dir", None, "JAX's persistent compilation cache directory; overrides "
+                        "config.training.compilation_cache_dir ('' turns the cache off).")
 
 
 _NONE_PATHS: list[str] = []
+# programs that compile faster than this are not written to the cache (JAX's default is 1 s)
+CACHE_MIN_COMPILE_SECONDS = 1.0
+
+
+def set_compilation_cache(path):
+    """Point JAX's persistent compilation cache at ``path`` (None or '': leave JAX's setting, off by default), so a
+    later run of the same job loads its compiled programs from disk instead of compiling them. Called by the
+    program only: importing diffjax changes no global JAX setting."""
+    if not path:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(path)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+
 
 
 def main(argv):
@@ -63,6 +82,8 @@ def main(argv):
                                     initialization_timeout=d.initialization_timeout)
     import jax
 
+    cache_dir = FLAGS.compilation_cache_dir
+    set_compilation_cache(FLAGS.config.training.get("compilation_cache_dir") if cache_dir is None else cache_dir)
     if source is not None:
         logging.warning("multi-host run (%s): process %d of %d, %d local / %d global devices", source,
                         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
