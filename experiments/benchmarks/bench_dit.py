@@ -56,17 +56,16 @@ MAIN = {
 }
 # timed beside MAIN, not trained: one step per jitted call (bench_train.py's "train step" row)
 STEP_ONLY = {
-    "unet, 1 step per call": ("digits.py", {"training.steps_per_call": 1}),
-    "dit, 1 step per call": ("digits_dit.py", {"training.steps_per_call": 1}),
+    "unet 1 step per call": ("digits.py", {"training.steps_per_call": 1}),
+    "dit 1 step per call": ("digits_dit.py", {"training.steps_per_call": 1}),
 }
 # DiT recipes: the config's, then one change each
 SEARCH = {
     "dit": ("digits_dit.py", {}),
     "dit lr 1e-3": ("digits_dit.py", {"optim.learning_rate": 1e-3}),
-    "dit lr 5e-4": ("digits_dit.py", {"optim.learning_rate": 5e-4}),
     "dit dropout 0": ("digits_dit.py", {"model.dropout": 0.0}),
-    "dit patch 1": ("digits_dit.py", {"model.patch_size": 1}),
-    "dit depth 14, width 64": ("digits_dit.py", {"model.hidden_size": 64, "model.depth": 14}),
+    "dit patch 1": ("digits_dit.py", {"model.patch_size": 1}),  # timed only: ~4.5x the step time of patch 2
+    "dit depth 14 width 64": ("digits_dit.py", {"model.hidden_size": 64, "model.depth": 14}),
 }
 
 
@@ -145,7 +144,7 @@ class Contender:
         return wall, cpu, machine_busy_s() - b0
 
 
-def time_steps(contenders: dict, repeats: int, calls: int) -> dict:
+def time_steps(contenders: dict, repeats: int, steps: int) -> dict:
     """Interleaved timing (order rotated each repeat) of each contender's trainer step; see the module docstring."""
     built, out = {}, {}
     for name, (config_file, overrides) in contenders.items():
@@ -161,11 +160,11 @@ def time_steps(contenders: dict, repeats: int, calls: int) -> dict:
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             c = built[name]
+            calls = max(1, steps // c.k)
             wall, cpu, busy = c.call(calls)
-            steps = calls * c.k
             o = out[name]
-            o["per_step_s"].append(wall / steps)
-            o["cpu_per_step_s"].append(cpu / steps)
+            o["per_step_s"].append(wall / (calls * c.k))
+            o["cpu_per_step_s"].append(cpu / (calls * c.k))
             o["other_cores"].append(max(busy - cpu, 0.0) / wall)
         print(f"repeat {r}: " + ", ".join(f"{n} {1e3 * out[n]['per_step_s'][-1]:.0f} ms/step" for n in names),
               flush=True)
@@ -173,7 +172,8 @@ def time_steps(contenders: dict, repeats: int, calls: int) -> dict:
         med = statistics.median(o["per_step_s"])
         o.update(median_s=med, min_s=min(o["per_step_s"]), max_s=max(o["per_step_s"]), steps_per_s=1.0 / med,
                  cpu_median_s=statistics.median(o["cpu_per_step_s"]), other_cores_max=max(o["other_cores"]),
-                 compile_s=o["first_call_s"] - med * o["k"], calls_per_repeat=calls, repeats=repeats)
+                 compile_s=o["first_call_s"] - med * o["k"], steps_per_repeat=max(1, steps // o["k"]) * o["k"],
+                 repeats=repeats)
     return out
 
 
@@ -186,7 +186,7 @@ def budget_steps(t: dict, budget: float) -> int:
 
 
 def train_one(workdir: str, config_file: str, overrides: dict, seed: int, num_steps: int) -> dict:
-    """The main job for ``num_steps`` steps (under the CPU lock) unless ``workdir`` holds its metrics.json."""
+    """The main job for ``num_steps`` steps unless ``workdir`` holds its metrics.json (caller holds the lock)."""
     path = os.path.join(workdir, "metrics.json")
     if not os.path.exists(path):
         cmd = [sys.executable, "-m", "diffjax.main", "--config", os.path.join(CONFIGS, config_file),
@@ -195,10 +195,9 @@ def train_one(workdir: str, config_file: str, overrides: dict, seed: int, num_st
                "--config.training.checkpoint_every=1000000",
                *[f"--config.{k}={_flag(v)}" for k, v in overrides.items()]]
         print("$", " ".join(cmd), flush=True)
-        with cpu_lock():
-            load0, t0 = loadavg(), time.perf_counter()
-            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-            wall, load1 = time.perf_counter() - t0, loadavg()
+        load0, t0 = loadavg(), time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        wall, load1 = time.perf_counter() - t0, loadavg()
         m = json.load(open(path))
         m.update(wall_s=wall, loadavg_before=load0, loadavg_after=load1)
         json.dump(m, open(path, "w"), indent=2, sort_keys=True)
@@ -206,15 +205,14 @@ def train_one(workdir: str, config_file: str, overrides: dict, seed: int, num_st
 
 
 def score_run(workdir: str, seeds, num_samples: int, evaluator, ref) -> dict:
-    """FD of each draw (mean, min, max) and of the draws pooled, with the run's default sampler."""
+    """FD of each draw (mean, min, max) and of the draws pooled, with the run's default sampler (caller holds the lock)."""
     from diffjax import load_run, metrics
 
-    with cpu_lock():
-        run = load_run(workdir, task="diffusion")
-        feats, nfe = [], None
-        for s in seeds:
-            x, nfe = run.sample(num_samples, key=jax.random.PRNGKey(s), return_nfe=True)
-            feats.append(evaluator.features(x))
+    run = load_run(workdir, task="diffusion")
+    feats, nfe = [], None
+    for s in seeds:
+        x, nfe = run.sample(num_samples, key=jax.random.PRNGKey(s), return_nfe=True)
+        feats.append(evaluator.features(x))
     fds = [metrics.frechet_distance_from_features(f, ref) for f in feats]
     return dict(fd=float(np.mean(fds)), fd_min=float(min(fds)), fd_max=float(max(fds)), fds=fds,
                 fd_pooled=float(metrics.frechet_distance_from_features(np.concatenate(feats), ref)),
@@ -227,11 +225,15 @@ def main(argv=None):
     p.add_argument("--search", action="store_true", help="the DiT recipe search (SEARCH) instead of DiT vs U-Net")
     p.add_argument("--only", default="", help="comma-separated contender names (default: all)")
     p.add_argument("--budget", type=float, default=300.0, help="training seconds per run, compilation included")
+    p.add_argument("--anchor", default="",
+                   help="NAME:STEPS: the budget is the time the timing run gives NAME for STEPS steps, compilation "
+                        "included (instead of --budget; for a loaded machine, where wall seconds buy fewer steps)")
     p.add_argument("--train-seeds", default="0,1")
     p.add_argument("--sample-seeds", default="0,1,2", help="one draw of --num-samples per seed")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--calls", type=int, default=4, help="calls (of steps_per_call steps) per timed repeat")
+    p.add_argument("--steps", type=int, default=10,
+                   help="steps per timed repeat (in calls of each contender's steps_per_call)")
     p.add_argument("--time", action="store_true", help="time the steps (interleaved, under the CPU lock)")
     p.add_argument("--train", action="store_true", help="train the runs that have no metrics.json yet")
     p.add_argument("--evaluate", action="store_true", help="sample and score the trained runs")
@@ -261,7 +263,7 @@ def main(argv=None):
             keys.setdefault(timing_key(cfg, ov), n)
         with cpu_lock():
             load0, t0 = loadavg(), time.perf_counter()
-            t = time_steps({keys[k]: timed[keys[k]] for k in keys}, args.repeats, args.calls)
+            t = time_steps({keys[k]: timed[keys[k]] for k in keys}, args.repeats, args.steps)
             info = dict(loadavg_before=load0, loadavg_after=loadavg(), wall_s=time.perf_counter() - t0)
         for n, (cfg, ov) in timed.items():
             saved["timing"][n] = dict(t[keys[timing_key(cfg, ov)]], timed_as=keys[timing_key(cfg, ov)], **info)
@@ -269,16 +271,14 @@ def main(argv=None):
 
     root = os.path.abspath(args.root)
     seeds = [int(s) for s in args.train_seeds.split(",")]
-    if args.train:
-        for seed in seeds:  # seed-major: a stopped run leaves whole seeds of every contender
-            for n, (cfg, ov) in contenders.items():
-                if n not in saved["timing"]:
-                    p.error(f"no step timing for {n!r}: run with --time first")
-                steps = budget_steps(saved["timing"][n], args.budget)
-                m = train_one(os.path.join(root, _slug(n), f"seed{seed}"), cfg, ov, seed, steps)
-                saved["runs"][f"{n}/{seed}"] = m
-                _save(saved, out_path)
-
+    if args.anchor:
+        name, steps = args.anchor.rsplit(":", 1)
+        if name not in saved["timing"]:
+            p.error(f"--anchor: no step timing for {name!r}: run with --time first")
+        t = saved["timing"][name]
+        saved["args"].update(anchor=args.anchor, budget=t["compile_s"] + int(steps) / t["steps_per_s"])
+        args.budget = saved["args"]["budget"]
+    scorer = None
     if args.evaluate:
         from diffjax import evaluators, metrics
         from experiments.ablations.guidance_sweep import real_split
@@ -287,14 +287,29 @@ def main(argv=None):
         ref = evaluator.features(real_split("train")[0])
         saved["floor"] = float(metrics.frechet_distance_from_features(evaluator.features(real_split("test")[0]), ref))
         sample_seeds = [int(s) for s in args.sample_seeds.split(",")]
-        for seed in seeds:
-            for n in contenders:
-                workdir = os.path.join(root, _slug(n), f"seed{seed}")
-                if not os.path.exists(os.path.join(workdir, "metrics.json")):
-                    continue
-                saved["scores"][f"{n}/{seed}"] = score_run(workdir, sample_seeds, args.num_samples, evaluator, ref)
-                print(n, seed, json.dumps(saved["scores"][f"{n}/{seed}"]), flush=True)
-                _save(saved, out_path)
+
+        def scorer(key, workdir):
+            saved["scores"][key] = score_run(workdir, sample_seeds, args.num_samples, evaluator, ref)
+            print(key, json.dumps(saved["scores"][key]), flush=True)
+
+    if args.train:
+        print(f"budget {args.budget:.0f} s", flush=True)
+        for n in contenders:
+            if n not in saved["timing"]:
+                p.error(f"no step timing for {n!r}: run with --time first")
+    if args.train or args.evaluate:
+        # one lock hold per run (its training, then its scoring), or one for the scoring of every run
+        with contextlib.nullcontext() if args.train else cpu_lock():
+            for seed in seeds:  # seed-major: a stopped run leaves whole seeds of every contender
+                for n, (cfg, ov) in contenders.items():
+                    key, workdir = f"{n}/{seed}", os.path.join(root, _slug(n), f"seed{seed}")
+                    with cpu_lock() if args.train else contextlib.nullcontext():
+                        if args.train:
+                            steps = budget_steps(saved["timing"][n], args.budget)
+                            saved["runs"][key] = train_one(workdir, cfg, ov, seed, steps)
+                        if scorer is not None and os.path.exists(os.path.join(workdir, "metrics.json")):
+                            scorer(key, workdir)
+                    _save(saved, out_path)
     report(saved, args, argv)
 
 
@@ -314,7 +329,7 @@ def render_timing(saved) -> str:
     any_t = next(iter(timing.values()))
     lines = [f"Each contender's trainer step (its config's `steps_per_call` steps per jitted call, batch 128, the "
              f"trainer's input pipeline), interleaved in one process under `/tmp/cpu.lock`: {any_t['repeats']} "
-             f"repeats x {any_t['calls_per_repeat']} calls, order rotated each repeat; median (min-max) over repeats. "
+             f"repeats x {any_t.get('steps_per_repeat') or any_t['calls_per_repeat'] * any_t['k']} steps, order rotated each repeat; median (min-max) over repeats. "
              f"Compile = first call minus the median call. Load average (1/5/15 min) before "
              f"{any_t['loadavg_before']}, after {any_t['loadavg_after']}.", "",
              "| contender | params | forward MFLOP per example (XLA) | ms/step median (min-max) | steps/s "
@@ -329,8 +344,10 @@ def render_timing(saved) -> str:
 
 def render_quality(saved) -> str:
     a, runs, scores, timing = saved.get("args", {}), saved.get("runs", {}), saved.get("scores", {}), saved["timing"]
-    lines = [f"Budget {a.get('budget', float('nan')):g} s of the trainer's clock per run (compilation included): "
-             f"steps = measured steps/s x (budget - compile s) from the timing table. {a.get('num_samples')} samples "
+    anchor = (f" (the time the timing run gives {a['anchor'].rsplit(':', 1)[0]} for "
+              f"{a['anchor'].rsplit(':', 1)[1]} steps)" if a.get("anchor") else "")
+    lines = [f"Budget {a.get('budget', float('nan')):.0f} s{anchor} per run, compilation included: "
+             f"steps = steps/s x (budget - compile s), both from the timing table. {a.get('num_samples')} samples "
              f"per draw, draws with sampling seeds {a.get('sample_seeds')}, the run's default sampler; FD to the train "
              f"split in the digits evaluator's features (lower is better): mean over draws [min, max], and the draws "
              f"pooled. Floor (297 real test images vs train: finite-sample bias only): "
