@@ -30,9 +30,10 @@ def problem():
     ref = jax.jit(lambda x, ts: dpm_solver(den, sched, x, ts, order=3)[0])(
         x_T, logsnr_uniform(sched, T_START, T_END, 600))
     solve = jax.jit(
-        lambda x, rtol, atol, order: dpm_adaptive(den, sched, x, jnp.array([T_START, T_END]), order=order,
-                                                  rtol=rtol, atol=atol),
-        static_argnums=3)
+        lambda x, rtol, atol, order, multistep=False: dpm_adaptive(den, sched, x, jnp.array([T_START, T_END]),
+                                                                   order=order, multistep=multistep, rtol=rtol,
+                                                                   atol=atol),
+        static_argnums=(3, 4))
     assert _rms(solve(x_T, 1e-5, 1e-5, 3)[0], ref) < 3e-5
     return dict(sched=sched, model_fn=model_fn, x_T=x_T, ref=ref, solve=solve)
 
@@ -43,20 +44,22 @@ def _rms(a, b):
 
 
 
-@pytest.mark.parametrize("order", [2, 3])
-def test_reaches_tolerance_and_nfe_falls_with_rtol(problem, order):
+@pytest.mark.parametrize("order,multistep", [(2, False), (3, False), (3, True)])
+def test_reaches_tolerance_and_nfe_falls_with_rtol(problem, order, multistep):
     # Every accepted step has RMS local error <= atol + rtol |x|; the PF-ODE in lambda contracts
     # (the data are a mixture of narrow modes), so the endpoint error stays within one step's bound:
     # RMS(x - x_ref) <= atol + rtol RMS(x_ref).
     scale = float(jnp.sqrt(jnp.mean(problem["ref"] ** 2)))
     errs, nfes = [], []
     for tol in TOLS:
-        x, stats = problem["solve"](problem["x_T"], tol, tol, order)
+        x, stats = problem["solve"](problem["x_T"], tol, tol, order, multistep)
         err, nfe = _rms(x, problem["ref"]), int(stats["nfe"])
         errs.append(err)
         nfes.append(nfe)
-        assert err <= tol * (1.0 + scale), (order, tol, err, nfe)
-        assert nfe % order == 0  # order evaluations per attempted step
+        # multistep: the (k-1)M estimate reuses the kM history and the first step is unchecked, so the
+        # endpoint may exceed one step's bound: allow twice it (measured: 0.4-0.5 of the allowance)
+        assert err <= (2.0 if multistep else 1.0) * tol * (1.0 + scale), (order, multistep, tol, err, nfe)
+        assert multistep or nfe % order == 0  # order evaluations per attempted step (singlestep)
     # looser tolerance, fewer evaluations; tighter tolerance, smaller error (both strictly)
     assert nfes[0] < nfes[1] < nfes[2], nfes
     assert errs[0] > errs[1] > errs[2], errs

@@ -23,7 +23,7 @@ import numpy as np
 from diffjax.consistency import consistency_sample
 from diffjax.parameterization import Denoiser, as_denoiser, check_prediction
 from diffjax.samplers.ancestral import ddim, ddpm, nfe_stats
-from diffjax.samplers.dpm_solver import dpm_solver, extrapolate_x0
+from diffjax.samplers.dpm_solver import check_dpm_adaptive, dpm_adaptive, dpm_solver, extrapolate_x0
 from diffjax.samplers.edm import check_churn, edm_sampler
 from diffjax.samplers.ode import ODE_SOLVERS, is_adaptive, pf_ode
 from diffjax.samplers.trajectory import Trajectory, check_save_at
@@ -140,6 +140,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
                          check_unipc, log_snr_steps=True, own_final_step=True, markov=False),
     # multistep consistency sampling (Song et al. 2023 Alg. 1) of a consistency model read as an x0 model_fn
     "consistency": SamplerSpec(consistency_sample, _always, "trailing", frozenset({"sigma_min"})),
+    # adaptive DPM-Solver-12 / -23 (Lu et al. 2022 sec. 4.2): the solver picks its steps in lambda
+    "dpm_adaptive": SamplerSpec(dpm_adaptive, _never, "logSNR", frozenset({"order", "multistep", "rtol", "atol", "h_init",
+                                                                 "max_steps"}),
+                                check_dpm_adaptive, log_snr_steps=True, adaptive=_always),
 }
 
 METHODS = tuple(SAMPLERS)  # the method names

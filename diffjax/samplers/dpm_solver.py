@@ -20,7 +20,7 @@ import numpy as np
 from diffjax.samplers.ancestral import ddim_step, nfe_stats
 from diffjax.schedules import Schedule, _is_concrete
 
-__all__ = ["DPMSolver", "DPMSolverAdaptive", "DPMSolverPPMultistep", "dpm_solver", "dpm_adaptive",
+__all__ = ["DPMSolver", "DPMSolverAdaptive", "DPMSolverPPMultistep", "DPMSolverPPAdaptive", "dpm_solver", "dpm_adaptive",
            "check_dpm_adaptive", "extrapolate_x0", "denoiser_term"]
 
 _RESULTS = diffrax.RESULTS
@@ -176,7 +176,8 @@ class DPMSolverPPMultistep(_LambdaSolver):
         zero_h = jnp.zeros((), jnp.result_type(t0))
         return (jnp.zeros_like(y0), jnp.zeros_like(y0), zero_h, zero_h, jnp.array(0))
 
-    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+    def _step(self, terms, t0, t1, y0, args, solver_state):
+        """(x_t, x_t of the next lower order on the same history, new state); the lower is None in warm-up."""
         lam_s, lam_t = t0, t1
         h = lam_t - lam_s
         m1, m2, h1, h2, count = solver_state  # x0 at the previous two steps, their step sizes
@@ -191,6 +192,7 @@ class DPMSolverPPMultistep(_LambdaSolver):
         # 2M: D = x0_s + 1/(2 r0) (x0_s - x0_prev)   (Alg. 2)
         y_2 = base - 0.5 * alpha_t * phi_1 * d1_0
         y1 = jnp.where(count >= 1, y_2, base)
+        y_low = jnp.where(count >= 1, base, y1)  # no lower-order solution on the first step
         if self.solver_order == 3:
             r1 = jnp.where(count >= 2, h2 / h, 1.0)
             d1_1 = (m1 - m2) / r1
@@ -198,8 +200,31 @@ class DPMSolverPPMultistep(_LambdaSolver):
             d2 = (d1_0 - d1_1) / (r0 + r1)
             # 3M: + alpha_t ((e^{-h}-1)/h + 1) D1 - alpha_t ((e^{-h}-1+h)/h^2 - 1/2) D2
             y_3 = base + alpha_t * (phi_1 / h + 1.0) * d1 - alpha_t * ((phi_1 + h) / h**2 - 0.5) * d2
+            y_low = jnp.where(count >= 2, y1, y_low)
             y1 = jnp.where(count >= 2, y_3, y1)
-        return self._done(y0, y1, (m0, m1, h, h1, count + 1))
+        return y1, y_low, (m0, m1, h, h1, count + 1)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        y1, _, state = self._step(terms, t0, t1, y0, args, solver_state)
+        return self._done(y0, y1, state)
+
+
+class DPMSolverPPAdaptive(DPMSolverPPMultistep):
+    """DPM-Solver++(2M) / (3M) with an embedded error estimate: y_error = (kM) - ((k-1)M on the same history).
+
+    One evaluation per attempted step (a rejected step is retried from the same state, its x0 history
+    unchanged: DPM-Solver++ multistep takes variable steps, Lu et al. 2022b app. B). The first step
+    has no lower-order solution (y_error = 0) and is accepted at ``dt0``; the second step's estimate
+    is 2M - DDIM.
+    """
+
+    def error_order(self, terms):
+        # (k-1)M has local error O(h^k): the controller's exponent is -1/k
+        return self.solver_order
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        y1, y_low, state = self._step(terms, t0, t1, y0, args, solver_state)
+        return y1, y1 - y_low, dict(y0=y0, y1=y1), state, _RESULTS.successful
 
 
 def extrapolate_x0(x0_last, x0_prev, h):
@@ -242,10 +267,12 @@ def dpm_solver(denoiser: Callable, schedule: Schedule, x_T, ts, key=None, cond=N
 
 
 def check_dpm_adaptive(options):
-    """Raise a ValueError naming a bad ``dpm_adaptive`` option (order, rtol, atol, h_init, max_steps)."""
+    """Raise a ValueError naming a bad ``dpm_adaptive`` option (order, multistep, rtol, atol, h_init, max_steps)."""
     order = options.get("order", 3)
     if order not in (2, 3):
         raise ValueError(f"order must be 2 (DPM-Solver-12) or 3 (DPM-Solver-23); got {order!r}")
+    if not isinstance(options.get("multistep", False), bool):
+        raise ValueError(f"multistep must be a bool; got {options['multistep']!r}")
     for name in ("rtol", "atol", "h_init"):
         if name in options and _is_concrete(options[name]) and not options[name] > 0:
             raise ValueError(f"{name} must be positive; got {options[name]!r}")
@@ -255,20 +282,25 @@ def check_dpm_adaptive(options):
 
 
 def dpm_adaptive(denoiser: Callable, schedule: Schedule, x_T, ts, key=None, cond=None, *, order: int = 3,
-                 rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, max_steps: int = 1000):
-    """Adaptive DPM-Solver-12 / -23 from ts[0] to ts[-1] (Lu et al. 2022 sec. 4.2; defaults as its code).
+                 multistep: bool = False, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
+                 max_steps: int = 1000):
+    """Adaptive DPM-Solver from ts[0] to ts[-1]: singlestep DPM-Solver-12 / -23 (Lu et al. 2022 sec. 4.2,
+    defaults as its code), or with ``multistep`` DPM-Solver++(2M) / (3M) with the (k-1)M error estimate.
 
     Steps in lambda from h = ``h_init``, driven by ``diffrax.PIDController(rtol, atol)`` as an
     I-controller: a step is accepted when E = RMS over the whole batch of
     y_error / (atol + rtol max(|x_s|, |x_t|)) is < 1, and the next h is 0.9 h E^(-1/order) (the
     paper's theta = 0.9 rule; its E uses max(atol, rtol max(|x_low|, |x_prev|)) per sample). Only the
-    grid's ends are used; ``key`` is unused. Returns (x, stats), stats["nfe"] = order x attempted
-    steps (rejected ones included); more than ``max_steps`` steps raise an error.
+    grid's ends are used; ``key`` is unused. Returns (x, stats), stats["nfe"] = evaluations per step
+    (``order``, or 1 if ``multistep``) x attempted steps, rejected ones included; more than
+    ``max_steps`` steps raise an error.
     """
-    check_dpm_adaptive(dict(order=order, rtol=rtol, atol=atol, h_init=h_init, max_steps=max_steps))
+    check_dpm_adaptive(dict(order=order, multistep=multistep, rtol=rtol, atol=atol, h_init=h_init,
+                            max_steps=max_steps))
     lams = schedule.log_snr(ts)
-    sol = diffrax.diffeqsolve(denoiser_term(denoiser, schedule), DPMSolverAdaptive(schedule, order),
+    solver = DPMSolverPPAdaptive(schedule, order) if multistep else DPMSolverAdaptive(schedule, order)
+    sol = diffrax.diffeqsolve(denoiser_term(denoiser, schedule), solver,
                               t0=lams[0], t1=lams[-1], dt0=h_init, y0=x_T, args=cond,
                               stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
                               saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
-    return sol.ys[0], nfe_stats(sol.stats["num_steps"], order)
+    return sol.ys[0], nfe_stats(sol.stats["num_steps"], 1 if multistep else order)

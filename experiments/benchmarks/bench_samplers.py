@@ -228,9 +228,11 @@ FRONTIER_EXTRA = [(m, 1, {"final_step": "extrapolate"}, "ddim_trailing") for m i
 OPTIMISED = [("dpm_solver++_2m", 1, {}), ("dpm_solver++_3m", 1, {}), ("dpm_solver++_3m", 1, {"final_step": "extrapolate"}),
              ("unipc", 1, {"order": 3, "variant": "bh2"})]
 OPT_TRAIN = dict(n=300, key=20, sweeps=4, candidates=9)
-# adaptive DPM-Solver sweep: (order, rtol, atol)
-DPM_ADAPTIVE_SWEEP = ([(3, tol, tol) for tol in (0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.003)]
-                      + [(2, tol, tol) for tol in (0.1, 0.05, 0.02, 0.01)])
+# adaptive DPM-Solver sweep: (order, multistep, rtol = atol)
+DPM_ADAPTIVE_SWEEP = ([(3, False, tol) for tol in (0.1, 0.05, 0.02, 0.01, 0.005)]
+                      + [(2, False, tol) for tol in (0.1, 0.02)]
+                      + [(3, True, tol) for tol in (0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)]
+                      + [(2, True, tol) for tol in (0.02, 0.005)])
 GRIDS_DIR = os.path.join(RESULTS, "grids")
 
 
@@ -317,12 +319,12 @@ def run_frontier(name, n, reps):
             (x, nfe), wall = timed(lambda: diffjax.sample(model_fn, sched, x_T, **kw), reps)
             rows.append(_row(ctx, label, budget, steps, x, nfe, wall, grid=[float(t) for t in ts],
                              train_rms=meta["rms"], search_s=search_s))
-    for order, rtol, atol in DPM_ADAPTIVE_SWEEP:
-        kw = dict(method="dpm_adaptive", num_steps=ADAPTIVE_STEPS, t_end=0.0, order=order, rtol=rtol, atol=atol,
-                  return_nfe=True)
+    for order, multistep, tol in DPM_ADAPTIVE_SWEEP:
+        kw = dict(method="dpm_adaptive", num_steps=ADAPTIVE_STEPS, t_end=0.0, order=order, multistep=multistep,
+                  rtol=tol, atol=tol, return_nfe=True)
         (x, nfe), wall = timed(lambda: diffjax.sample(model_fn, sched, x_T, **kw), reps)
-        rows.append(_row(ctx, f"dpm_adaptive[order={order},rtol={rtol:g},atol={atol:g}]", None, None, x, nfe, wall,
-                         adaptive=dict(order=order, rtol=rtol, atol=atol)))
+        label = f"dpm_adaptive[order={order},{'multistep,' if multistep else ''}rtol=atol={tol:g}]"
+        rows.append(_row(ctx, label, None, None, x, nfe, wall, adaptive=dict(order=order, multistep=multistep, tol=tol)))
     return ctx["info"], rows
 
 
