@@ -140,7 +140,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
                          check_unipc, log_snr_steps=True, own_final_step=True, markov=False),
     # multistep consistency sampling (Song et al. 2023 Alg. 1) of a consistency model read as an x0 model_fn
     "consistency": SamplerSpec(consistency_sample, _always, "trailing", frozenset({"sigma_min"})),
-    # adaptive DPM-Solver-12 / -23 (Lu et al. 2022 sec. 4.2): the solver picks its steps in lambda
+    # adaptive DPM-Solver-12 / -23 (Lu et al. 2022 sec. 4.2), or DPM-Solver++(2M)/(3M) with multistep=True: the
+    # solver picks its steps in lambda
     "dpm_adaptive": SamplerSpec(dpm_adaptive, _never, "logSNR", frozenset({"order", "multistep", "rtol", "atol", "h_init",
                                                                  "max_steps"}),
                                 check_dpm_adaptive, log_snr_steps=True, adaptive=_always),
