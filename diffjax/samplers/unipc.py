@@ -2,12 +2,12 @@
 
 Each step s -> t of ``UniPCMultistep`` (the structure of diffusers' ``UniPCMultistepScheduler.step``):
 evaluate the model at the current state x_s (the predictor's output), correct x_s with UniC from the
-previous corrected state using that evaluation (Alg. 2: no extra evaluation), then predict x_t with UniP
+previous corrected state using that evaluation (no extra evaluation), then predict x_t with UniP
 at order p = min(order, steps so far + 1) (and, with ``lower_order_final``, at most the intervals left).
 The state passed between steps is the predictor's output; the last corrected state, the last three model
 outputs and their log-SNRs live in diffrax's ``solver_state``. The model output is the x0 prediction
 (``predict_x0``, UniPC's data-prediction form, diffusers' default) or the eps prediction. B(h) is ``bh1``
-(B(h) = h) or ``bh2`` (B(h) = e^h - 1), with hh = -h for x0 and h for eps (UniPC eq. 5 and app. C).
+(B(h) = h) or ``bh2`` (B(h) = e^h - 1), with hh = -h for x0 and h for eps (UniPC sec. 3).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def check_unipc(options) -> None:
 
 
 def _coefficients(rks, hh, b_h, order: int):
-    """The rows R_i = rks^(i-1) and b_i = i! phi_{i+1}(hh) hh / B(h), i = 1..order (UniPC eq. 5 / Alg. 1).
+    """The rows R_i = rks^(i-1) and b_i = i! hh phi_{i+1}(hh) / B(h), i = 1..order, of R rho = b (UniPC sec. 3).
 
     h phi_k is built by the recursion h_phi_{k+1} = h_phi_k / hh - 1/k! from h_phi_1 = e^hh - 1.
     """
@@ -52,7 +52,7 @@ def _coefficients(rks, hh, b_h, order: int):
 
 
 class UniPCMultistep(_LambdaSolver):
-    """UniPC-``solver_order`` (UniP-p + UniC-p, Zhao et al. 2023 Alg. 2 / 3): one model evaluation per step."""
+    """UniPC-``solver_order`` (UniP-p + UniC-p, Zhao et al. 2023 sec. 3): one model evaluation per step."""
 
     solver_order: int = eqx.field(static=True, default=2)
     variant: str = eqx.field(static=True, default="bh2")
@@ -78,7 +78,7 @@ class UniPCMultistep(_LambdaSolver):
         return d.x0 if self.predict_x0 else d.eps
 
     def _update(self, x, lam_s, lam_t, m0, d1s, rhos, extra=None):
-        """x_t = (sigma_t/sigma_s) x - alpha_t h_phi_1 m0 - alpha_t B(h) sum rho_k D1_k (x0 form; UniPC eq. 5),
+        """x_t = (sigma_t/sigma_s) x - alpha_t h_phi_1 m0 - alpha_t B(h) sum rho_k D1_k (x0 form; UniPC sec. 3),
         x_t = (alpha_t/alpha_s) x - sigma_t h_phi_1 m0 - sigma_t B(h) sum rho_k D1_k (eps form)."""
         sched = self.schedule
         t_s, t_t = sched.t_from_log_snr(lam_s), sched.t_from_log_snr(lam_t)
@@ -105,7 +105,7 @@ class UniPCMultistep(_LambdaSolver):
         if p == 1:
             rhos = []
         elif p == 2:
-            rhos = [0.5]  # UniP-2: rho = 1/2 for both B(h) (UniPC app. C)
+            rhos = [0.5]  # UniP-2: rho = 1/2 for both B(h), as the reference codes
         else:
             hh = -h if self.predict_x0 else h
             r, b = _coefficients(rks + [jnp.ones_like(h)], hh, self._b_h(hh), p)
