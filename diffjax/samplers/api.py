@@ -32,7 +32,7 @@ from diffjax.samplers.sde import euler_maruyama, predictor_corrector
 from diffjax.schedules import DiscreteDDPM, Schedule, check_time
 from diffjax.timesteps import check_grid, discrete_subsequence, make_grid, parse_grid
 
-__all__ = ["SAMPLERS", "METHODS", "SamplerSpec", "Trajectory", "sample"]
+__all__ = ["SAMPLERS", "METHODS", "SamplerSpec", "Trajectory", "sample", "solve_grid"]
 
 FINAL_STEPS = ("denoise", "extrapolate")
 
@@ -178,8 +178,10 @@ def _grid(schedule, spec, num_steps, t_start, t_end, grid, options, clean_end):
     return make_grid(schedule, t_start, t_end, num_steps, grid)
 
 
-def _solve(spec, denoiser, x, ts, key, cond, final_to_zero, options, save_steps=False):
-    """``spec.fn`` over the grid ``ts`` and, if ``final_to_zero``, the step to sigma = 0: (x, stats)."""
+def solve_grid(spec, denoiser, x, ts, key, cond, final_to_zero, options, save_steps=False):
+    """The sampler ``spec`` on the grid ``ts`` exactly as ``sample`` runs it, inside a jitted function: ``spec.fn``
+    and, if ``final_to_zero`` (ts[-1] is sigma = 0), the step there; ``options`` as ``sample``'s (final_step
+    included). Returns (x, stats); ``save_steps`` (an ``own_final_step`` method) adds stats["states"]."""
     options = dict(options)
     final_step = options.pop("final_step", "denoise")
     key = key if spec.stochastic(options) else None
@@ -206,14 +208,14 @@ def _trajectory(spec, denoiser, x_T, ts, key, cond, final_to_zero, options, save
     ``fold_in(key, k)``)."""
     n = ts.shape[0] - 1
     if spec.own_final_step:
-        x, stats = _solve(spec, denoiser, x_T, ts, key, cond, final_to_zero, options, save_steps=True)
+        x, stats = solve_grid(spec, denoiser, x_T, ts, key, cond, final_to_zero, options, save_steps=True)
         states = jnp.concatenate([x_T[None], stats["states"]])
         return x, stats["nfe"], [states[i] for i in save_at]
     bounds = sorted(set(save_at) | {0, n})
     x, nfe, at = x_T, jnp.asarray(0), {0: x_T}
     for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         seg_key = None if key is None else jax.random.fold_in(key, k)
-        x, stats = _solve(spec, denoiser, x, ts[a:b + 1], seg_key, cond, final_to_zero and b == n, options)
+        x, stats = solve_grid(spec, denoiser, x, ts[a:b + 1], seg_key, cond, final_to_zero and b == n, options)
         nfe, at[b] = nfe + stats["nfe"], x
     return x, nfe, [at[i] for i in save_at]
 
@@ -224,7 +226,7 @@ def _sample_jit(denoiser, x_T, ts, key, cond, config):
     spec = SAMPLERS[method]
     traj = None
     if save_at is None:
-        x, stats = _solve(spec, denoiser, x_T, ts, key, cond, final_to_zero, options)
+        x, stats = solve_grid(spec, denoiser, x_T, ts, key, cond, final_to_zero, options)
         nfe = stats["nfe"]
     else:
         x, nfe, states = _trajectory(spec, denoiser, x_T, ts, key, cond, final_to_zero, options, save_at)
