@@ -46,8 +46,9 @@ def _define_flags():
 
 
 _NONE_PATHS: list[str] = []
-# programs that compile faster than this are not written to the cache (JAX's default is 1 s)
-CACHE_MIN_COMPILE_SECONDS = 1.0
+# programs that compile faster than this are not cached: 0 caches every program (JAX's default, 1 s, leaves
+# the many small sampling/setup programs to be compiled again)
+CACHE_MIN_COMPILE_SECONDS = 0.0
 
 
 def set_compilation_cache(path):

@@ -4,7 +4,8 @@
     python experiments/benchmarks/bench_quality.py --render-only --write-benchmarks   # the table from results/
 
 Contenders, each trained from scratch on the digits train split for the same wall-clock budget on
-this machine, one at a time (every training holds ``flock /tmp/cpu.lock``), and sampled at ``--nfe``:
+this machine, one at a time (each training seed's contenders at one budget run together while holding
+``/tmp/cpu.lock``, the machine-wide lock of long runs), and sampled at ``--nfe``:
 
 * ``diffjax``: ``python -m diffjax.main --config experiments/configs/digits.py`` with
   ``training.max_train_seconds`` = budget (the clock includes jit compilation) and no step limit,
@@ -29,6 +30,8 @@ as each training finishes, so a partial grid is kept; ``--render-only`` renders 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -44,8 +47,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)  # the repo root: `experiments.*` imports resolve when run as a script
 RESULTS = os.path.join(HERE, "results")
 OUT_JSON = os.path.join(RESULTS, "bench_quality.json")
-LOCK = ["flock", "/tmp/cpu.lock"]  # one training at a time machine-wide
+LOCK_PATH = "/tmp/cpu.lock"  # one long run at a time machine-wide (flock, as `flock /tmp/cpu.lock CMD`)
 PEERS = {"diffusers-recipe": "diffusers_recipe_peer.py", "diffusers-framework": "diffusers_quality_peer.py"}
+
+
+@contextlib.contextmanager
+def cpu_lock():
+    with open(LOCK_PATH, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _loadavg() -> float:
@@ -53,7 +66,7 @@ def _loadavg() -> float:
 
 
 def run_diffjax(budget, workdir, nfe, num_samples, sample_seeds, seed, overrides):
-    cmd = [*LOCK, sys.executable, "-m", "diffjax.main", "--config",
+    cmd = [sys.executable, "-m", "diffjax.main", "--config",
            os.path.join(ROOT, "experiments", "configs", "digits.py"), "--workdir", workdir, "--noprogress",
            "--config.training.num_steps=10000000", f"--config.training.max_train_seconds={budget}",
            f"--config.seed={seed}", "--config.eval.num_examples=0", "--config.training.checkpoint_every=100000",
@@ -87,7 +100,7 @@ def run_peer(name, budget, workdir, nfe, num_samples, sample_seeds, train_images
                 dropout=c.model.dropout, resolution=8, channels=1)
     path, out = os.path.join(workdir, "spec.json"), os.path.join(workdir, "peer")
     json.dump(spec, open(path, "w"))
-    subprocess.run([*LOCK, sys.executable, os.path.join(HERE, "peers", PEERS[name]), "--spec", path, "--out", out],
+    subprocess.run([sys.executable, os.path.join(HERE, "peers", PEERS[name]), "--spec", path, "--out", out],
                    check=True, stdout=subprocess.DEVNULL)
     info = json.load(open(os.path.join(out, "info.json")))
     samples = [np.load(os.path.join(out, f"samples_{s}.npy")) for s in sample_seeds]
@@ -107,6 +120,19 @@ def score(samples, evaluator, ref, n_matched):
                 fd_matched=float(np.mean([metrics.frechet_distance_from_features(f[pick], ref) for f in feats])),
                 fd_pooled=float(metrics.frechet_distance_from_features(pooled, ref)), n_pooled=len(pooled),
                 fd_inf=float(metrics.frechet_distance_extrapolated(pooled, ref).value))
+
+
+def run_cell(name, budget, seed, args, sample_seeds, evaluator, ref, train_x, n_floor):
+    """Train one contender from scratch for ``budget`` seconds, draw and score its samples: one result row."""
+    load0, t0 = _loadavg(), time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if name.startswith("diffjax"):
+            samples, info = run_diffjax(budget, tmp, args.nfe, args.num_samples, sample_seeds, seed, name.split("+")[1:])
+        else:
+            samples, info = run_peer(name, budget, tmp, args.nfe, args.num_samples, sample_seeds, train_x, seed)
+    return dict(contender=name, budget_s=budget, train_seed=seed, **score(samples, evaluator, ref, n_floor),
+                wall_s=time.perf_counter() - t0, loadavg=[load0, _loadavg()],
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **info)
 
 
 def main(argv=None):
@@ -143,24 +169,14 @@ def main(argv=None):
         done.update(floor=floor, n_floor=len(test_x), num_samples=args.num_samples, nfe=args.nfe,
                     sample_seeds=args.sample_seeds)
         os.makedirs(RESULTS, exist_ok=True)
-        for budget in [float(b) for b in args.budgets.split(",")]:
-            for seed in [int(s) for s in args.train_seeds.split(",")]:
+        cells = [(float(b), int(s)) for b in args.budgets.split(",") for s in args.train_seeds.split(",")]
+        for budget, seed in cells:
+            with cpu_lock():  # this seed's contenders one after another: a few minutes per hold
                 for name in contenders:
-                    load0, t0 = _loadavg(), time.perf_counter()
-                    with tempfile.TemporaryDirectory() as tmp:
-                        if name.startswith("diffjax"):
-                            samples, info = run_diffjax(budget, tmp, args.nfe, args.num_samples, sample_seeds, seed,
-                                                        name.split("+")[1:])
-                        else:
-                            samples, info = run_peer(name, budget, tmp, args.nfe, args.num_samples, sample_seeds,
-                                                     train_x, seed)
-                    row = dict(contender=name, budget_s=budget, train_seed=seed, **score(samples, evaluator, ref,
-                                                                                           len(test_x)),
-                               wall_s=time.perf_counter() - t0, loadavg=[load0, _loadavg()],
-                               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **info)
-                    done["rows"].append(row)
+                    done["rows"].append(run_cell(name, budget, seed, args, sample_seeds, evaluator, ref, train_x,
+                                                 len(test_x)))
                     json.dump(done, open(OUT_JSON, "w"), indent=2)
-                    print(json.dumps(row), flush=True)
+                    print(json.dumps(done["rows"][-1]), flush=True)
     done = json.load(open(OUT_JSON))
     table = render(done)
     if args.notes:
