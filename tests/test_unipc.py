@@ -180,15 +180,23 @@ def _diffusers_unipc(model, x, alphas, sigmas, order, variant):
                                             pytest.param(2, "bh2", marks=pytest.mark.slow),
                                             pytest.param(1, "bh2", marks=pytest.mark.slow)])
 def test_unipc_is_diffusers_unipc(order, variant):
-    """diffjax's unipc to t = 0 == diffusers' UniPCMultistepScheduler loop (warm-up, corrector, lower_order_final,
+    """diffjax's unipc to t = 0 (6 evaluations for 6 intervals) == diffusers' UniPCMultistepScheduler loop (warm-up, corrector, lower_order_final,
     the order-1 step to sigma = 0) written out in numpy, on the same grid, to round-off (float64)."""
     with jax.enable_x64(True):
         sched = diffjax.VPLinear()
         g = ring_mixture()
         ts = jnp.concatenate([diffjax.timesteps.logsnr_uniform(sched, 1.0, sched.t_min, 5), jnp.zeros(1)])
         x_T = sched.prior_sample(KEY, (64, 2), jnp.float64)
-        x = diffjax.sample(g.model_fn(sched), sched, x_T, method="unipc", num_steps=6, grid=ts, order=order,
-                           variant=variant)
+        calls = {"n": 0}
+
+        def counting(x, t):
+            jax.debug.callback(lambda: calls.__setitem__("n", calls["n"] + 1))
+            return g.model_fn(sched)(x, t)
+
+        x, nfe = diffjax.sample(counting, sched, x_T, method="unipc", num_steps=6, grid=ts, order=order,
+                                variant=variant, return_nfe=True)
+        jax.effects_barrier()
+        assert calls["n"] == nfe == 6  # one evaluation per interval, the step to sigma = 0 included
         alphas, sigmas = np.asarray(sched.alpha(ts)), np.asarray(sched.sigma(ts))
         den = make_denoiser(g.model_fn(sched), sched)
         ref = _diffusers_unipc(lambda y, i: np.asarray(den(jnp.asarray(y), ts[i]).x0), np.asarray(x_T), alphas,
