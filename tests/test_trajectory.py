@@ -36,9 +36,11 @@ def test_segmented_trajectory_is_the_run():
     chex.assert_trees_all_close(traj.x0[1], den(traj.x[1], TS[2]).x0, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_solver_saved_trajectory():
-    """A method that saves from inside its solve (edm_euler; unipc shares the path): the state at index 3 is the
-    run on TS[:4]; save_at='all' returns every grid time, the last the sample; one evaluation per interval."""
+    """A method that saves from inside its solve (edm_euler; tests/test_unipc.py checks unipc's saved states against
+    diffusers' loop): the state at index 3 is the run on TS[:4]; save_at='all' returns every grid time, the last
+    the sample; one evaluation per interval."""
     x, traj, nfe = diffjax.sample(MF, VP, X_T, method="edm_euler", num_steps=5, grid=TS, save_at="all",
                                   return_nfe=True)
     assert traj.x.shape == (6, 16, 2) and nfe == 5

@@ -127,7 +127,8 @@ def test_unipc_global_orders(order, variant, steps):
 
 def _diffusers_unipc(model, x, alphas, sigmas, order, variant):
     """diffusers' UniPCMultistepScheduler.step loop (x0 form, lower_order_final, final sigma = 0) in numpy:
-    ``model(x, i)`` is the x0 prediction at grid point i; alphas / sigmas of the grid, the last sigma 0."""
+    ``model(x, i)`` is the x0 prediction at grid point i; alphas / sigmas of the grid, the last sigma 0.
+    Returns the ``prev_sample`` of every step (the last one the sample)."""
     n = len(sigmas) - 1
     lam = np.log(alphas[:-1]) - np.log(sigmas[:-1])
 
@@ -163,7 +164,7 @@ def _diffusers_unipc(model, x, alphas, sigmas, order, variant):
         res = sum((rho * d for rho, d in zip(rhos[:-1], d1s)), np.zeros_like(x_prev)) + rhos[-1] * (m_t - m0)
         return sigmas[i] / sigmas[i - 1] * x_prev - alphas[i] * np.expm1(-h) * m0 - alphas[i] * b_h * res
 
-    outs, idx, last, this_order, lower = [], [], None, None, 0
+    outs, idx, last, this_order, lower, states = [], [], None, None, 0, []
     for i in range(n):
         m = model(x, i)
         if i > 0:
@@ -173,15 +174,17 @@ def _diffusers_unipc(model, x, alphas, sigmas, order, variant):
         last = x
         x = uni_p(x, i, this_order, outs, idx)
         lower = min(lower + 1, order)
-    return x
+        states.append(x)
+    return np.stack(states)
 
 
 @pytest.mark.parametrize("order, variant", [(3, "bh2"), pytest.param(2, "bh1", marks=pytest.mark.slow),
                                             pytest.param(2, "bh2", marks=pytest.mark.slow),
                                             pytest.param(1, "bh2", marks=pytest.mark.slow)])
 def test_unipc_is_diffusers_unipc(order, variant):
-    """diffjax's unipc to t = 0 (6 evaluations for 6 intervals) == diffusers' UniPCMultistepScheduler loop (warm-up, corrector, lower_order_final,
-    the order-1 step to sigma = 0) written out in numpy, on the same grid, to round-off (float64)."""
+    """diffjax's unipc to t = 0 == diffusers' UniPCMultistepScheduler loop (warm-up, corrector, lower_order_final,
+    the order-1 step to sigma = 0) written out in numpy, on the same grid, to round-off (float64), at every step
+    (save_at="all"); 6 evaluations (counted) for 6 intervals."""
     with jax.enable_x64(True):
         sched = diffjax.VPLinear()
         g = ring_mixture()
@@ -193,12 +196,17 @@ def test_unipc_is_diffusers_unipc(order, variant):
             jax.debug.callback(lambda: calls.__setitem__("n", calls["n"] + 1))
             return g.model_fn(sched)(x, t)
 
-        x, nfe = diffjax.sample(counting, sched, x_T, method="unipc", num_steps=6, grid=ts, order=order,
-                                variant=variant, return_nfe=True)
+        x, traj, nfe = diffjax.sample(counting, sched, x_T, method="unipc", num_steps=6, grid=ts, order=order,
+                                      variant=variant, return_nfe=True, save_at="all")
         jax.effects_barrier()
-        assert calls["n"] == nfe == 6  # one evaluation per interval, the step to sigma = 0 included
+        # one evaluation per interval, the step to sigma = 0 included; the trajectory's x0 costs one per saved
+        # state with sigma > 0, outside nfe
+        assert nfe == 6 and calls["n"] == nfe + 6
         alphas, sigmas = np.asarray(sched.alpha(ts)), np.asarray(sched.sigma(ts))
         den = make_denoiser(g.model_fn(sched), sched)
         ref = _diffusers_unipc(lambda y, i: np.asarray(den(jnp.asarray(y), ts[i]).x0), np.asarray(x_T), alphas,
                                sigmas, order, variant)
-    chex.assert_trees_all_close(np.asarray(x), ref, rtol=0, atol=1e-9 * max(1.0, np.max(np.abs(ref))))
+    # the trajectory (saved inside the solve) is diffusers' prev_sample after every step
+    chex.assert_trees_all_close(np.asarray(traj.x[1:]), ref, rtol=0, atol=1e-9 * max(1.0, np.max(np.abs(ref))))
+    chex.assert_trees_all_equal(traj.x[-1], x)
+    chex.assert_trees_all_equal(traj.x[0], x_T)
