@@ -1,7 +1,7 @@
 """Compiled memory per device of a DiT-XL/2 train step on a pod, from XLA's memory analysis; written into BENCHMARKS.md.
 
-    python experiments/perf/dit_memory.py                      # depths 2 and 4, extrapolated to 28
-    python experiments/perf/dit_memory.py --depths 2,4,28      # also compiles the full depth as the check
+    python experiments/perf/dit_memory.py                      # depths 2, 4 and 28 (~3 min on 2 cores)
+    python experiments/perf/dit_memory.py --depths 2,4         # shallow depths only, extrapolated to 28
 
 DiT-XL/2 (Peebles & Xie 2023) on 256x256 images as 32x32x4 latents, 1000 classes, learned sigma
 (8 output channels), global batch 256, trained as diffjax's trainer does (``make_train_step``:
@@ -14,10 +14,10 @@ temporaries). Bytes are per device: the SPMD program is one device's.
 
 Beside it, the arithmetic a reader can check: the train state is params + Adam's two moments +
 the EMA copy = 4 x 4 bytes per parameter, divided by the shards the rule set gives each tensor
-(``state / shards``; "16 P / n" if every tensor were split n ways). Compiling all 28 blocks on
-XLA:CPU takes minutes per layout, so by default two shallow depths are compiled and every byte
-count is extrapolated linearly in the depth (the blocks are identical); ``--depths`` with 28
-included compiles the full model and reports the extrapolation's error.
+(``state / shards``; "16 P / n" if every tensor were split n ways). The full 28 blocks compile in
+under a minute per layout on XLA:CPU; every byte count is also extrapolated linearly in the depth
+from the two shallowest depths (the blocks are identical), and the fit is checked against each
+deeper compiled depth (``--depths 2,4`` alone gives the fit only).
 """
 
 from __future__ import annotations
@@ -109,9 +109,58 @@ def gib(b: float) -> str:
     return f"{b / 2**30:.2f}"
 
 
+def render(results: dict, depths: list, batch_size: int) -> str:
+    """The BENCHMARKS.md text of ``{layout: [compile_step rows, by depth]}``."""
+    first = next(iter(results.values()))
+    lines = [f"DiT-XL/2 train step (32x32x4 latents, 1000 classes, learned sigma, global batch {batch_size}, "
+             f"AdamW + clipping + EMA as `make_train_step`, float32), compiled for 8 simulated XLA:CPU devices; "
+             f"bytes per device from `compiled.memory_analysis()`, GiB. `state / shards`: params + 2 Adam moments + "
+             f"EMA (16 bytes per parameter) divided by each tensor's shards under the rule set; `16 P / 8`: if all "
+             f"were split 8 ways. `temp` holds activations saved for the backward pass, gradients and XLA's "
+             f"scratch; `total` = argument + output - alias + temp (the donated state counted once). DiT attention "
+             f"in the \"{first[0]['qkv']}\" qkv layout (`ops.QKVAttention`). Depths {', '.join(map(str, depths))} "
+             f"compiled; the {FULL_DEPTH}-block row is "
+             f"{'compiled' if FULL_DEPTH in depths else 'extrapolated linearly from the first two'}.", "",
+             "| layout | depth | params | compile s | argument | output | alias | temp | generated code | "
+             "total | state / shards | 16 P / 8 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    checks, full = [], {}
+    for name, rows in results.items():
+        for r in rows:
+            lines.append(f"| {name} | {r['depth']} | {r['params'] / 1e6:.1f}M | {r['seconds']:.0f} | "
+                         + " | ".join(gib(r[f]) for f in COLUMNS)
+                         + f" | {gib(r['state_per_device'])} | {gib(16 * r['params'] / 8)} |")
+        fit = full[name] = extrapolate(rows, FULL_DEPTH)
+        lines.append(f"| {name} | **{FULL_DEPTH} (fit)** | {fit['params'] / 1e6:.1f}M | - | "
+                     + " | ".join(f"**{gib(fit[f])}**" for f in COLUMNS)
+                     + f" | {gib(fit['state_per_device'])} | {gib(16 * fit['params'] / 8)} |")
+        for r in rows[2:]:
+            at = extrapolate(rows, r["depth"])
+            err = max(abs(at[f] - r[f]) / max(r[f], 1) for f in ("argument", "output", "temp"))
+            checks.append(f"- {name}: the linear fit through depths {rows[0]['depth']}, {rows[1]['depth']} predicts "
+                          f"depth {r['depth']} within {err:.1%} (argument, output, temp).")
+    lines += [""] + checks
+    fit = next(iter(full.values()))
+    reading = [f"- Reading: {fit['params'] / 1e6:.1f}M parameters (the paper's 675M); the train state is "
+               f"16 P = {gib(16 * fit['params'])} GiB in all."]
+    for name, f in full.items():
+        shards = batch_shards_of(LAYOUTS[name])
+        reading.append(f"  {name}: state {gib(f['state_per_device'])} GiB per device "
+                       f"(= 16 P / {16 * f['params'] / f['state_per_device']:.1f}), {batch_size // shards} examples per "
+                       f"device, temp {gib(f['temp'])} GiB ({f['temp'] / f['state_per_device']:.0f}x the state).")
+    reading.append("  The float32 activations kept for the backward pass (no rematerialisation) dominate; the model "
+                   "axis halves the attention and MLP activations but not the LayerNorm / residual ones (Megatron without "
+                   "sequence parallelism), and "
+                   "data x fsdp = 4 batch shards hold twice the examples of fsdp 8.")
+    return "\n".join(lines + reading)
+
+
+def batch_shards_of(axes: dict) -> int:
+    return axes["data"] * axes["fsdp"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--depths", default="2,4", help="compiled depths (the first two give the linear fit)")
+    ap.add_argument("--depths", default="2,4,28", help="compiled depths (the first two give the linear fit)")
     ap.add_argument("--batch-size", type=int, default=256, help="global batch (the paper's 256)")
     ap.add_argument("--min-size", type=int, default=2**14, help="fsdp_min_size of the rule set")
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated among {list(LAYOUTS)}")
@@ -123,37 +172,13 @@ def main():
     layouts = [n.strip() for n in args.layouts.split(",") if n.strip()]
     if not layouts or set(layouts) - set(LAYOUTS):
         ap.error(f"--layouts: unknown {sorted(set(layouts) - set(LAYOUTS)) or args.layouts!r}; known: {list(LAYOUTS)}")
-    lines = [f"DiT-XL/2 train step (32x32x4 latents, 1000 classes, learned sigma, global batch {args.batch_size}, "
-             f"AdamW + clipping + EMA as `make_train_step`, float32), compiled for 8 simulated XLA:CPU devices; "
-             f"bytes per device from `compiled.memory_analysis()`, GiB. `state / shards`: params + 2 Adam moments + "
-             f"EMA (16 bytes per parameter) divided by each tensor's shards under the rule set; `16 P / 8`: if all "
-             f"were split 8 ways. `temp` holds activations saved for the backward pass, gradients and XLA's "
-             f"scratch; `total` = argument + output - alias + temp (the donated state counted once). DiT attention "
-             f"in the QKV_LAYOUT qkv layout (`ops.QKVAttention`). Depths {', '.join(map(str, depths))} compiled; the {FULL_DEPTH}-block row is "
-             f"{'compiled' if FULL_DEPTH in depths else 'extrapolated linearly from the first two'}.", "",
-             "| layout | depth | params | compile s | argument | output | alias | temp | generated code | "
-             "total | state / shards | 16 P / 8 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    checks = []
+    results = {}
     for name in layouts:
-        axes, rows = LAYOUTS[name], []
+        results[name] = []
         for d in depths:
-            r = compile_step(d, axes, args.batch_size, args.min_size)
-            rows.append(r)
-            print(name, r, flush=True)
-            lines.append(f"| {name} | {d} | {r['params'] / 1e6:.1f}M | {r['seconds']:.0f} | "
-                         + " | ".join(gib(r[f]) for f in COLUMNS)
-                         + f" | {gib(r['state_per_device'])} | {gib(16 * r['params'] / 8)} |")
-        fit = extrapolate(rows, FULL_DEPTH)
-        lines.append(f"| {name} | **{FULL_DEPTH} (fit)** | {fit['params'] / 1e6:.1f}M | - | "
-                     + " | ".join(f"**{gib(fit[f])}**" for f in COLUMNS)
-                     + f" | {gib(fit['state_per_device'])} | {gib(16 * fit['params'] / 8)} |")
-        for r in rows[2:]:
-            at = extrapolate(rows, r["depth"])
-            err = max(abs(at[f] - r[f]) / max(r[f], 1) for f in ("argument", "output", "temp"))
-            checks.append(f"- {name}: the linear fit through depths {rows[0]['depth']}, {rows[1]['depth']} predicts "
-                          f"depth {r['depth']} within {err:.1%} (argument, output, temp).")
-    lines += [""] + checks
-    text = "\n".join(lines).replace("QKV_LAYOUT", f"\"{rows[0]['qkv']}\"")
+            results[name].append(compile_step(d, LAYOUTS[name], args.batch_size, args.min_size))
+            print(name, results[name][-1], flush=True)
+    text = render(results, depths, args.batch_size)
     print(text)
     if not args.no_write:
         ensure_section()
@@ -173,7 +198,7 @@ def ensure_section():
              "`experiments/perf/dit_memory.py` compiles the DiT-XL/2 train step on abstract arrays (nothing "
              "allocated) for 8 simulated devices and reads XLA's memory analysis per device, beside the "
              "arithmetic of the train state (params + Adam moments + EMA over the shards the rule set "
-             "gives each tensor).\n\n```\npython experiments/perf/dit_memory.py --depths 2,4,28\n```\n\n"
+             "gives each tensor).\n\n```\npython experiments/perf/dit_memory.py     # ~3 min on 2 cores\n```\n\n"
              f"{begin}\n{end}")
     with open(benchlib.BENCHMARKS, "w") as f:
         f.write(doc.replace(anchor, anchor + block, 1))
