@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.parameterization import as_denoiser
-from diffjax.samplers.api import SAMPLERS, _solve, sample
+from diffjax.samplers.api import SAMPLERS, sample, solve_grid
 from diffjax.schedules import Schedule, check_time
 from diffjax.timesteps import check_grid, make_grid
 
@@ -138,7 +138,7 @@ def optimise_grid(
 
     @jax.jit
     def losses(lam_rows):  # (K, n_pts) -> (K,), one grid after the other (memory of one sampler call)
-        return jax.lax.map(lambda row: _mse(_solve(spec, denoiser, x_T, to_ts(row), key, cond, final_to_zero, opts)[0],
+        return jax.lax.map(lambda row: _mse(solve_grid(spec, denoiser, x_T, to_ts(row), key, cond, final_to_zero, opts)[0],
                                             reference), lam_rows)
 
     loss_init = float(losses(jnp.asarray(lam[None], dtype))[0])
