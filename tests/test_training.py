@@ -177,6 +177,7 @@ def test_non_finite_loss_is_reported_and_never_checkpointed(tmp_path, monkeypatc
     ("diffusion.min_snr_gamma", -5.0, "config.diffusion.min_snr_gamma"),
     ("sample.grid", "uniform", "config.sample.grid"),
     ("sample.grid", "ddim_trailing", "sub-sequence of a discrete DDPM chain"),
+    ("sample.grid", "karras:rho=seven", "config.sample.grid: grid 'karras:rho=seven': rho must be a float"),
     ("model.dtype", "float16", "config.model.dtype"),
     ("model.kernels", "cuda", "config.model.kernels"),
     ("training.sample_every", -1, "config.training.sample_every"),
@@ -189,6 +190,14 @@ def test_invalid_config_fields_are_named(field, value, match):
     if field == "training.eval_every":
         c.training.steps_per_call = 2
     with pytest.raises(ConfigError, match=match):
+        validate_config(c, num_devices=8)
+
+
+def test_grid_names_with_options_and_aliases_validate():
+    """config.sample.grid accepts what diffjax.sample accepts: options after ':' and the diffusers aliases."""
+    for grid in ("karras:rho=5", "log_sigma", "linspace", None):
+        c = base()
+        c.sample.grid = grid
         validate_config(c, num_devices=8)
 
 

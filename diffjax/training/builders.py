@@ -20,7 +20,7 @@ from diffjax.schedules import VE, DiscreteDDPM, RectifiedFlow, SubVP, VPCosine, 
 from diffjax.training.state import make_optimizer
 from diffjax.training.tasks import TASK_NAMES, TaskSpec, get_task
 from diffjax.sharding import mesh_shape
-from diffjax.timesteps import GRIDS, SUBSEQUENCE_GRIDS
+from diffjax.timesteps import SUBSEQUENCE_GRIDS, parse_grid
 
 __all__ = ["SCHEDULES", "TASKS", "DIFFUSION_TASK", "CLASSIFIER_TASK", "ConfigError", "denoiser_loss_kwargs", "validate_config", "build_schedule", "build_model", "model_shape", "build_loss",
            "build_optimizer"]
@@ -147,10 +147,12 @@ def validate_config(config, num_devices: int | None = None) -> None:
         _fail("sample.method", f"unknown sampler {config.sample.method!r}; known: {sorted(METHODS)}")
     _positive_int(config, "sample.num_steps")
     grid = config.sample.get("grid")
-    if grid is not None and grid not in GRIDS + SUBSEQUENCE_GRIDS:
-        _fail("sample.grid", f"unknown time grid {grid!r}; known: {GRIDS + SUBSEQUENCE_GRIDS} or None (the "
-                             f"method's default)")
-    if grid in SUBSEQUENCE_GRIDS and not config.diffusion.schedule.startswith("ddpm_"):
+    if grid is not None:
+        try:
+            grid_name, _ = parse_grid(grid)
+        except ValueError as e:
+            _fail("sample.grid", f"{e}; or None (the method's default)")
+    if grid is not None and grid_name in SUBSEQUENCE_GRIDS and not config.diffusion.schedule.startswith("ddpm_"):
         _fail("sample.grid", f"{grid!r} is a sub-sequence of a discrete DDPM chain; config.diffusion.schedule "
                              f"is {config.diffusion.schedule!r}")
     _positive_int(config, "sample.num_samples")
