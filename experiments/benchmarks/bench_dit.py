@@ -359,7 +359,7 @@ def render_timing(saved) -> str:
 
 
 def render_quality(saved) -> str:
-    a, runs, scores, timing = saved.get("args", {}), saved.get("runs", {}), saved.get("scores", {}), saved["timing"]
+    a, runs, scores, timing = saved.get("args", {}), saved.get("runs", {}), saved.get("scores", {}), saved.get("timing", {})
     anchor = (f" (the time the timing run gives {a['anchor'].rsplit(':', 1)[0]} for "
               f"{a['anchor'].rsplit(':', 1)[1]} steps)" if a.get("anchor") else "")
     lines = [f"Budget {a.get('budget', float('nan')):.0f} s{anchor} per run, compilation included: "
