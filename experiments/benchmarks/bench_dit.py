@@ -137,7 +137,8 @@ class Contender:
         self.state = self.run.state
         x = jax.ShapeDtypeStruct((1, *self.run.spec.shape), np.float32)
         t = jax.ShapeDtypeStruct((1,), np.float32)
-        cost = jax.jit(lambda p, x, t: self.run.module.apply(p, x, t)).lower(self.run.state.params, x, t).cost_analysis()
+        apply = jax.jit(lambda p, x, t: self.run.module.apply(p, x, t))
+        cost = apply.lower(self.run.state.params, x, t).cost_analysis()
         self.fwd_gflop = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]) / 1e9  # per example
 
     def call(self, n_calls: int) -> tuple:
@@ -220,7 +221,7 @@ def train_one(workdir: str, config_file: str, overrides: dict, seed: int, num_st
 
 
 def score_run(workdir: str, seeds, num_samples: int, evaluator, ref) -> dict:
-    """FD of each draw (mean, min, max) and of the draws pooled, with the run's default sampler (caller holds the lock)."""
+    """FD of each draw (mean, min, max) and of all draws pooled, with the run's default sampler (lock: the caller's)."""
     from diffjax import load_run, metrics
 
     run = load_run(workdir, task="diffusion")
@@ -345,21 +346,23 @@ def render_timing(saved) -> str:
     any_t = next(iter(timing.values()))
     lines = [f"Each contender's trainer step (its config's `steps_per_call` steps per jitted call, batch 128, the "
              f"trainer's input pipeline), interleaved in one process under `/tmp/cpu.lock`: {any_t['repeats']} "
-             f"repeats x {any_t.get('steps_per_repeat') or any_t['calls_per_repeat'] * any_t['k']} steps, order rotated each repeat; median (min-max) over repeats. "
+             f"repeats x {any_t.get('steps_per_repeat') or any_t['calls_per_repeat'] * any_t['k']} steps, order "
+             f"rotated each repeat; median (min-max) over repeats. "
              f"Compile = first call minus the median call. Load average (1/5/15 min) before "
              f"{any_t['loadavg_before']}, after {any_t['loadavg_after']}.", "",
              "| contender | params | forward MFLOP per example (XLA) | ms/step median (min-max) | steps/s "
              "| compile s | own CPU ms/step | other processes, cores (max) | timed as |",
              "|---|---|---|---|---|---|---|---|---|"]
     for n, t in timing.items():
-        lines.append(f"| {n} | {t['n_params']:,} | {1e3 * t['fwd_gflop']:.1f} | {1e3 * t['median_s']:.1f} ({1e3 * t['min_s']:.1f}-"
+        lines.append(f"| {n} | {t['n_params']:,} | {1e3 * t['fwd_gflop']:.1f} | {1e3 * t['median_s']:.1f} "
+                     f"({1e3 * t['min_s']:.1f}-"
                      f"{1e3 * t['max_s']:.1f}) | {t['steps_per_s']:.2f} | {t['compile_s']:.1f} "
                      f"| {1e3 * t['cpu_median_s']:.0f} | {t['other_cores_max']:.2f} | {t['timed_as']} |")
     return "\n".join(lines)
 
 
 def render_quality(saved) -> str:
-    a, runs, scores, timing = saved.get("args", {}), saved.get("runs", {}), saved.get("scores", {}), saved.get("timing", {})
+    a, runs, scores, timing = (saved.get(k, {}) for k in ("args", "runs", "scores", "timing"))
     anchor = (f" (the time the timing run gives {a['anchor'].rsplit(':', 1)[0]} for "
               f"{a['anchor'].rsplit(':', 1)[1]} steps)" if a.get("anchor") else "")
     lines = [f"Budget {a.get('budget', float('nan')):.0f} s{anchor} per run, compilation included: "
