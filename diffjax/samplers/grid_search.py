@@ -73,7 +73,8 @@ def optimise_grid(
       x_T: the training starting points (batch, ...); judge the result on other x_T.
       reference: the exact endpoints of ``x_T``; default the PF-ODE by Tsit5 at rtol = atol = 1e-6.
       t_start, t_end: as for ``diffjax.sample`` (t_end = 0: the grid ends with the step to sigma = 0).
-      init: the starting grid's name (``diffjax.timesteps.make_grid``).
+      init: the starting grid: a name (``diffjax.timesteps.make_grid``) or an array of ``num_steps + 1``
+        decreasing times from t_start (ending at 0 if t_end = 0, else at t_end), e.g. a stored grid to refine.
       sweeps, candidates, window, shrink: ``sweeps`` passes over the free points; each tries
         ``candidates`` positions (odd, so the current one is among them) spread over +- ``window``
         of the gap between its neighbours, the window multiplied by ``shrink`` after every pass.
@@ -122,7 +123,17 @@ def optimise_grid(
 
     # the grid's nonzero times, as lambda; lam[0] (t_start) is fixed, lam[-1] too unless it is free
     n_pts = num_steps if final_to_zero else num_steps + 1
-    ts0 = make_grid(schedule, t_start, t_last, n_pts - 1, init)
+    if isinstance(init, str):
+        ts0 = make_grid(schedule, t_start, t_last, n_pts - 1, init)
+    else:
+        ts0 = np.asarray(init, np.float64)
+        check_grid(jnp.asarray(ts0))
+        if ts0.shape != (num_steps + 1,) or ts0[0] != t_start or ts0[-1] != float(t_end):
+            raise ValueError(f"init must be num_steps + 1 = {num_steps + 1} times from t_start = {t_start} to "
+                             f"t_end = {t_end}; got {ts0.shape[0]} from {ts0[0]} to {ts0[-1]}")
+        ts0 = jnp.asarray(ts0[:n_pts])
+        if final_to_zero and not float(ts0[-1]) >= t_last:
+            raise ValueError(f"init's last time before 0 must be >= schedule.t_min = {t_last}; got {float(ts0[-1])}")
     lam = np.asarray(schedule.log_snr(ts0), np.float64)
     lam_hi = lam[-1]  # the free last point stays at or above t_min (at or below lambda(t_min))
     free = list(range(1, n_pts - 1)) + ([n_pts - 1] if final_to_zero else [])
@@ -165,7 +176,8 @@ def optimise_grid(
     nfe = sample(denoiser, None, x_T, method=method, num_steps=num_steps, grid=ts, cond=cond, key=key,
                  return_nfe=True, **options)[1]
     info = dict(method=method, options={k: v for k, v in options.items()}, num_steps=int(num_steps), nfe=int(nfe),
-                schedule=repr(schedule), t_start=t_start, t_end=float(t_end), init=init,
+                schedule=repr(schedule), t_start=t_start, t_end=float(t_end),
+                init=init if isinstance(init, str) else [float(t) for t in np.asarray(init)],
                 rms_init=float(np.sqrt(loss_init)), rms=float(np.sqrt(best)), n_train=int(x_T.shape[0]),
                 search=dict(kind="coordinate search in lambda", sweeps=sweeps, candidates=candidates,
                             window=window, shrink=shrink))
