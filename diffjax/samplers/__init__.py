@@ -5,8 +5,10 @@ from diffjax.samplers.ancestral import ddim, ddim_invert, ddim_step, ddpm, nfe_s
 from diffjax.consistency import consistency_sample
 from diffjax.samplers.api import METHODS, SAMPLERS, SamplerSpec, sample
 from diffjax.samplers.dpm_solver import (
-    DPMSolver, DPMSolverAdaptive, DPMSolverPPMultistep, dpm_adaptive, dpm_solver, extrapolate_x0,
+    DPMSolver, DPMSolverAdaptive, DPMSolverPPAdaptive, DPMSolverPPMultistep, check_dpm_adaptive, dpm_adaptive,
+    dpm_solver, extrapolate_x0,
 )
+from diffjax.samplers.grid_search import grid_error, load_grid, optimise_grid, save_grid
 from diffjax.samplers.edm import EDMSolver, edm_sampler
 from diffjax.samplers.ode import pf_ode
 from diffjax.samplers.sde import euler_maruyama, langevin_step, predictor_corrector

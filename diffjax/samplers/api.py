@@ -285,8 +285,11 @@ def sample(
         ``S_tmin``, ``S_tmax``, ``S_noise``: Alg. 2's churn, S_churn > 0 needs a key; default grid karras),
         ``unipc`` (UniPC, one evaluation per step; options ``order`` 1-3 (default 2), ``variant`` bh1 / bh2
         (default bh2), ``predict_x0`` (default True; False: noise-prediction form), ``corrector`` (default
-        True), ``lower_order_final`` (default True: order <= the intervals left, as diffusers)).
-      num_steps: solver steps (grid intervals); adaptive ``pf_ode`` ignores it.
+        True), ``lower_order_final`` (default True: order <= the intervals left, as diffusers)),
+        ``dpm_adaptive`` (adaptive DPM-Solver-12 / -23, Lu et al. 2022 sec. 4.2, or with ``multistep=True``
+        DPM-Solver++(2M) / (3M) with the lower-order solution as the error estimate; options ``order`` 2 | 3,
+        ``multistep``, ``rtol``, ``atol``, ``h_init``, ``max_steps``; only the grid's ends are used).
+      num_steps: solver steps (grid intervals); adaptive ``pf_ode`` and ``dpm_adaptive`` ignore it.
       key: PRNG key, required by stochastic methods.
       prediction: what ``model_fn`` predicts: eps (the default), x0, v, score or flow; with a
         Denoiser, omit it (a different one raises a ValueError).
