@@ -99,6 +99,33 @@ def time_training(configs, calls, rounds):
             for name, e in steps.items()}
 
 
+def step_flops(configs, runs):
+    """XLA's cost analysis (load-independent): GFLOP per train step (forward + backward + update) and per model
+    evaluation on 1000 examples (a latent run's decoder added once per 1000 samples)."""
+    import jax.numpy as jnp
+
+    from diffjax.training.loop import _train_step_for, setup, train_batches
+    from diffjax.training.step import global_batch
+
+    out = {}
+    for name, c in configs.items():
+        run = setup(c, None)
+        k = c.training.steps_per_call
+        host = jax.tree.map(lambda *xs: np.stack(xs), *[next(train_batches(c, 0))] * k) if k > 1 else \
+            next(train_batches(c, 0))
+        compiled = _train_step_for(run).lower(run.state, global_batch(host, run.mesh, stacked=k > 1)).compile()
+        train = compiled.cost_analysis()["flops"] / k
+        x = jnp.zeros((1000, *run.sample_shape))
+        t = jnp.full((1000,), 0.5)
+        fwd = jax.jit(lambda p, x, t: run.apply_eval(p, x, t)).lower(run.state.ema_params, x, t).compile()
+        decode = 0.0
+        if run.decode is not None:
+            decode = jax.jit(run.decode).lower(run.state.extra, x).compile().cost_analysis()["flops"]
+        out[name] = dict(train_gflop=train / 1e9, eval_gflop_1000=fwd.cost_analysis()["flops"] / 1e9,
+                         decode_gflop_1000=decode / 1e9)
+    return out
+
+
 def time_sampling(runs, n, rounds):
     """Seconds per ``n`` samples (default sampler) of each run, after a compiling draw, rounds alternating."""
     times = {name: [] for name in runs}
@@ -116,7 +143,7 @@ def time_sampling(runs, n, rounds):
 def render(res) -> str:
     a, floor = res["ae"], res["floor"]
     lat, pix = res["latent"], res["pixel"]
-    tr, sp = res["train_timing"], res["sample_timing"]
+    tr, sp, fl = res.get("train_timing"), res.get("sample_timing"), res["flops"]
     lines = [
         f"Autoencoder (`digits_ae.py`: KL-f2, latents 4x4x2 = 32 numbers per 64-pixel image, "
         f"{a['num_params']:,} parameters, {a['step']} steps, {a['train_seconds']:.0f} s): test reconstruction MSE "
@@ -127,28 +154,39 @@ def render(res) -> str:
         "",
         f"Sample quality: Fréchet distance (digits evaluator, vs the train split) of {res['num_samples']} samples, "
         f"mean over sampling seeds {res['seeds']} (min-max), each run's default sampler "
-        f"({res['sampler']}); floor (297 real test images) {floor:.2f}. Speed measured interleaved in one locked "
-        f"process (load average {res['loadavg']}): train ms/step = median over {res['rounds']} alternating rounds "
-        f"of {res['calls']} calls on one fixed batch (min-max); sampling seconds per 1000 samples, median of "
-        f"alternating rounds.",
+        f"({res['sampler']}); floor (297 real test images) {floor:.2f}. Compute per step from XLA's cost "
+        f"analysis of the compiled programs (independent of the machine's load): GFLOP per train step (forward, "
+        f"backward, update; batch 128) and per 1000 samples (NFE x one network evaluation on 1000 inputs, plus "
+        f"the decoder for the latent run). "
+        + (f"Wall clock measured interleaved in one locked process (load average {res['loadavg']}): train ms/step "
+           f"= median over {res['rounds']} alternating rounds of {res['calls']} calls on one fixed batch; sampling "
+           f"seconds per 1000 samples, median of alternating rounds." if tr else
+           "Wall-clock speed: not measured in this run (`--no-timing`; without it the script times both runs "
+           "interleaved, under `flock /tmp/cpu.lock`)."),
         "",
-        "| run | space | parameters (denoiser) | train steps | FD (min-max) | floor | train ms/step (min-max) | "
-        "s per 1000 samples (min-max) | test NLL |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | space | parameters (denoiser) | train steps | FD (min-max) | floor | GFLOP / train step | "
+        "GFLOP / 1000 samples | train ms/step | s per 1000 samples | test NLL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, label, space, nll in (("latent", "latent U-Net (`digits_latent_unet.py`)", "4x4x2 latents",
                                      f"{lat['test_latent_bits_per_dim']:.3f} bits per latent dim"),
                                     ("pixel", f"pixel U-Net (`digits.py`, {res['pixel_workdir']})", "8x8x1 pixels",
                                      f"{pix['test_bpd']:.3f} bits/dim")):
-        m, q = res[name], res[f"{name}_fd"]
+        m, q, f = res[name], res[f"{name}_fd"], fl[name]
+        sample_gflop = m["sample_nfe"] * f["eval_gflop_1000"] + f["decode_gflop_1000"]
+        train_ms = f"{tr[name]['ms_per_step']:.1f} ({tr[name]['ms_min']:.1f}-{tr[name]['ms_max']:.1f})" if tr else "-"
+        sample_s = f"{sp[name]['s_per_1000']:.2f} ({sp[name]['s_min']:.2f}-{sp[name]['s_max']:.2f})" if sp else "-"
         lines.append(f"| {label} | {space} | {m['num_params']:,} | {m['step']} | **{q['fd']:.2f}** "
-                     f"({q['fd_min']:.2f}-{q['fd_max']:.2f}) | {floor:.2f} | {tr[name]['ms_per_step']:.1f} "
-                     f"({tr[name]['ms_min']:.1f}-{tr[name]['ms_max']:.1f}) | {sp[name]['s_per_1000']:.2f} "
-                     f"({sp[name]['s_min']:.2f}-{sp[name]['s_max']:.2f}) | {nll} |")
+                     f"({q['fd_min']:.2f}-{q['fd_max']:.2f}) | {floor:.2f} | {f['train_gflop']:.2f} | "
+                     f"{sample_gflop:.1f} | {train_ms} | {sample_s} | {nll} |")
+    train_ratio = fl["pixel"]["train_gflop"] / fl["latent"]["train_gflop"]
+    sample_ratio = (pix["sample_nfe"] * fl["pixel"]["eval_gflop_1000"]) / (
+        lat["sample_nfe"] * fl["latent"]["eval_gflop_1000"] + fl["latent"]["decode_gflop_1000"])
     lines += ["", f"The latent run's sampling time includes decoding; its quality is bounded by the autoencoder's "
                   f"reconstruction FD. The test NLLs are in different spaces (bits per latent dimension of the "
                   f"autoencoder's posterior mean vs bits per pixel) and do not compare. Latent scale factor "
-                  f"{lat['latent_scale_factor']:.4f} (1 / std of the first batch's posterior samples)."]
+                  f"{lat['latent_scale_factor']:.4f} (1 / std of the first batch's posterior samples). Compute "
+                  f"ratio pixel / latent: {train_ratio:.1f}x per train step, {sample_ratio:.1f}x per 1000 samples."]
     return "\n".join(lines)
 
 
@@ -162,6 +200,8 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--write-benchmarks", action="store_true")
+    p.add_argument("--no-timing", action="store_true",
+                   help="skip the wall-clock timings (quality and XLA FLOP counts only, robust to load)")
     p.add_argument("--from-results", action="store_true",
                    help="render results/bench_latent.json (a previous evaluation) instead of measuring")
     args = p.parse_args(argv)
@@ -190,8 +230,9 @@ def main(argv=None):
     test_x = real_split("test")[0]
     floor = metrics.frechet_distance_from_features(evaluator.features(test_x), ref)
     ae_dir, lat_dir = os.path.join(root, "ae"), os.path.join(root, "latent_unet")
-    res = dict(floor=float(floor), num_samples=args.num_samples, seeds=seeds, calls=args.calls, rounds=args.rounds,
-               pixel_workdir=args.pixel_workdir)
+    command = "python experiments/benchmarks/bench_latent.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res = dict(command=command, floor=float(floor), num_samples=args.num_samples, seeds=seeds, calls=args.calls,
+               rounds=args.rounds, pixel_workdir=args.pixel_workdir)
     res["ae"] = json.load(open(os.path.join(ae_dir, "metrics.json")))
     res["latent"] = json.load(open(os.path.join(lat_dir, "metrics.json")))
     res["pixel"] = json.load(open(os.path.join(args.pixel_workdir, "metrics.json")))
@@ -202,11 +243,13 @@ def main(argv=None):
     for name, run in runs.items():
         res[f"{name}_fd"] = fd_draws(run, evaluator, ref, args.num_samples, seeds)
         print(name, res[f"{name}_fd"], flush=True)
-    res["loadavg_before"] = open("/proc/loadavg").read().split()[:3]
-    res["sample_timing"] = time_sampling(runs, 1000, args.rounds)
     configs = {"latent": load_config(lat_dir), "pixel": load_config(args.pixel_workdir)}
-    res["train_timing"] = time_training(configs, args.calls, args.rounds)
-    res["loadavg"] = " / ".join(open("/proc/loadavg").read().split()[:3])
+    res["flops"] = step_flops(configs, runs)
+    if not args.no_timing:
+        res["loadavg_before"] = open("/proc/loadavg").read().split()[:3]
+        res["sample_timing"] = time_sampling(runs, 1000, args.rounds)
+        res["train_timing"] = time_training(configs, args.calls, args.rounds)
+        res["loadavg"] = " / ".join(open("/proc/loadavg").read().split()[:3])
     print(json.dumps({k: v for k, v in res.items() if k not in ("ae", "latent", "pixel")}, indent=1), flush=True)
     os.makedirs(RESULTS, exist_ok=True)
     json.dump(res, open(os.path.join(RESULTS, "bench_latent.json"), "w"), indent=1)
@@ -219,8 +262,7 @@ def _report(res, args, argv):
     if args.write_benchmarks:
         from experiments.benchmarks import benchlib
 
-        benchlib.write_section("latent", text, "python experiments/benchmarks/bench_latent.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]))
+        benchlib.write_section("latent", text, res["command"])
 
 
 if __name__ == "__main__":
