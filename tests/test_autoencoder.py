@@ -128,20 +128,18 @@ def test_latent_configs_validate():
         assert model_shape(c) == shape
 
 
-# the data set the pod config names; diffjax.data does not list it yet, so the test registers its spec
-IMAGENET256 = ("imagenet256", (256, 256, 3), 1000)
+def test_imagenet256_center_square_resize():
+    """The ImageNet data set's preprocessing: the central square of a landscape image, bicubic to 256 x 256."""
+    from diffjax.data.images import IMAGE_DATASETS, center_square_resize
+
+    image = np.zeros((300, 400, 3), np.uint8)
+    image[:, 50:350] = 200  # the central 300 x 300 square is uniform; the side bands are cut off
+    out = center_square_resize(image)
+    assert out.shape == (256, 256, 3) and out.dtype == np.uint8 and (out == 200).all()
+    assert IMAGE_DATASETS["imagenet256"].spec.shape == (256, 256, 3)
 
 
-@pytest.fixture
-def imagenet256(monkeypatch):
-    from diffjax.data import pipeline
-    from diffjax.data.spec import DatasetSpec
-
-    name, shape, classes = IMAGENET256
-    monkeypatch.setitem(pipeline.SPECS, name, DatasetSpec(shape, classes, 8, "image"))
-
-
-def test_imagenet256_dit_xl2_config(imagenet256):
+def test_imagenet256_dit_xl2_config():
     """The pod config validates on 8 devices with the paper's settings; DiT-XL/2 sees 32x32x4 latents and returns
     eps and the variance interpolation (8 channels), checked by abstract evaluation."""
     from diffjax.training.builders import build_model, model_shape

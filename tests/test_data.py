@@ -258,7 +258,7 @@ def test_specs():
     assert data.get_spec("cifar10").shape == (32, 32, 3)
     assert data.get_spec("celeb_a") == data.DatasetSpec((64, 64, 3), None, 8, "image")
     assert data.get_spec("ring") == data.DatasetSpec((2,), 8, None, "toy")
-    assert set(data.SPECS) == {"digits", "mnist", "cifar10", "celeb_a", "ring", "gmm", "two_moons",
+    assert set(data.SPECS) == {"digits", "mnist", "cifar10", "celeb_a", "imagenet256", "ring", "gmm", "two_moons",
                                "checkerboard"}
 
 

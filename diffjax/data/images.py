@@ -1,7 +1,7 @@
 """TFDS image data sets read by random access (``tfds`` data sources, no TensorFlow).
 
 ``digits`` is embedded (built from scikit-learn's bundled copy on first use, ~2 s, offline);
-``mnist``, ``cifar10`` and ``celeb_a`` must be prepared beforehand by TFDS in the
+``mnist``, ``cifar10``, ``celeb_a`` and ``imagenet256`` (from TFDS ``imagenet2012``) must be prepared beforehand by TFDS in the
 ``array_record`` format. Before anything calls into TFDS we look for the prepared files
 ourselves: offline, TFDS's own lookup retries DNS for minutes before failing.
 """
@@ -18,6 +18,7 @@ from diffjax.data.spec import DatasetSpec, default_data_dir
 
 CELEBA_CROP = 140  # central crop of the 218x178 CelebA images before resizing (Song et al. 2021)
 CELEBA_SIZE = 64
+IMAGENET_SIZE = 256  # ImageNet 256x256 (ADM, LDM, DiT)
 
 
 def center_crop_resize(image, crop: int = CELEBA_CROP, size: int = CELEBA_SIZE) -> np.ndarray:
@@ -29,6 +30,13 @@ def center_crop_resize(image, crop: int = CELEBA_CROP, size: int = CELEBA_SIZE) 
     top, left = (h - crop) // 2, (w - crop) // 2
     square = Image.fromarray(image[top:top + crop, left:left + crop])
     return np.asarray(square.resize((size, size), Image.BICUBIC), np.uint8)
+
+
+def center_square_resize(image, size: int = IMAGENET_SIZE) -> np.ndarray:
+    """The central min(H, W) square, resized to ``size`` x ``size`` (PIL bicubic), uint8: ADM's
+    ``center_crop_arr`` framing (ADM resizes before cropping, with a box filter down to 2 x size first)."""
+    image = np.asarray(image)
+    return center_crop_resize(image, crop=min(image.shape[:2]), size=size)
 
 
 class TfdsImages(NamedTuple):
@@ -47,6 +55,8 @@ IMAGE_DATASETS = {
     "cifar10": TfdsImages(DatasetSpec((32, 32, 3), 10, 8, "image"), "cifar10", "label"),
     "celeb_a": TfdsImages(DatasetSpec((CELEBA_SIZE, CELEBA_SIZE, 3), None, 8, "image"), "celeb_a",
                           None, center_crop_resize),
+    "imagenet256": TfdsImages(DatasetSpec((IMAGENET_SIZE, IMAGENET_SIZE, 3), 1000, 8, "image"), "imagenet2012",
+                              "label", center_square_resize),
 }
 
 
