@@ -86,13 +86,13 @@ def run_diffjax(budget, workdir, nfe, num_samples, sample_seeds, seed, overrides
                          steady_steps_per_sec=metrics["steps_per_sec"])
 
 
-def run_peer(name, budget, workdir, nfe, num_samples, sample_seeds, train_images, seed):
+def run_peer(name, budget, workdir, nfe, num_samples, sample_seeds, train_images, seed, max_steps=None):
     from diffjax.config import base
 
     c = base()
     np.save(os.path.join(workdir, "train.npy"), train_images)
     # the framework peer reads diffjax's settings; the recipe peer has its own and reads only the run fields
-    spec = dict(train_path=os.path.join(workdir, "train.npy"), budget_seconds=budget, max_steps=None, seed=seed,
+    spec = dict(train_path=os.path.join(workdir, "train.npy"), budget_seconds=budget, max_steps=max_steps, seed=seed,
                 sample_seeds=sample_seeds, num_samples=num_samples, nfe=nfe, batch_size=c.training.batch_size,
                 learning_rate=c.optim.learning_rate, warmup_steps=c.optim.warmup_steps, grad_clip=c.optim.grad_clip,
                 ema_decay=c.optim.ema_decay, ch=c.model.ch, ch_mult=list(c.model.ch_mult),
@@ -106,6 +106,11 @@ def run_peer(name, budget, workdir, nfe, num_samples, sample_seeds, train_images
     samples = [np.load(os.path.join(out, f"samples_{s}.npy")) for s in sample_seeds]
     return samples, dict(steps=info["steps"], train_seconds=info["train_seconds"], nfe=info["nfe"],
                          method="DPMSolverMultistep", n_params=info["n_params"], final_loss=info["final_loss"])
+
+
+def run_diffusers(budget, workdir, nfe, num_samples, seeds, train_images, seed=0, max_steps=None):
+    """The framework peer (``max_steps``: a step count instead of the budget; experiments/ablations/ablate_recipe.py)."""
+    return run_peer("diffusers-framework", budget, workdir, nfe, num_samples, seeds, train_images, seed, max_steps)
 
 
 def score(samples, evaluator, ref, n_matched):
