@@ -226,9 +226,13 @@ def _check_finite(sched, method, pred, t_end):
 
 @pytest.mark.parametrize("sname", list(SCHEDULES))
 def test_no_nan_any_method_any_schedule(sname):
-    """Every method on every schedule, prediction type and end time rotating."""
+    """Every method on two of the schedules, every schedule with a third of the methods, prediction type and end
+    time rotating (``test_no_nan_full_cross``, slow, runs every combination)."""
+    j = list(SCHEDULES).index(sname)
     for i, method in enumerate(diffjax.METHODS):
-        _check_finite(SCHEDULES[sname], method, PREDS[i % len(PREDS)], (None, 0.0)[i % 2])
+        r = i + j // 3  # the two schedules of a method see different prediction types and end times
+        if (i + j) % 3 == 0:
+            _check_finite(SCHEDULES[sname], method, PREDS[r % len(PREDS)], (None, 0.0)[r % 2])
 
 
 @pytest.mark.slow
