@@ -80,7 +80,14 @@ def test_cfg_raises_the_fraction_in_the_asked_component_monotonically():
     assert fractions[0] < 0.9 and fractions[-1] > 0.97, fractions  # the overlap is real; guidance resolves it
 
 
-@pytest.mark.parametrize("method", METHODS)
+# one or two methods of each family by default (the guidance wrappers only change the denoiser every sampler calls);
+# the rest run with -m slow
+_GUIDANCE_DEFAULT = ("ddpm", "pc", "pf_ode", "dpm_solver_3", "dpm_solver++_3m", "dpm_adaptive", "edm_heun", "unipc",
+                     "consistency")
+
+
+@pytest.mark.parametrize("method", [m if m in _GUIDANCE_DEFAULT else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in METHODS])
 def test_zero_guidance_equals_the_unguided_sampler(method):
     s = diffjax.VPLinear()
     labels = jnp.arange(16) % 3
