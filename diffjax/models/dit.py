@@ -102,7 +102,8 @@ class DiTBlock(nn.Module):
 
     x + gate_a * Attn(modulate(LN(x), shift_a, scale_a)), then x + gate_m * MLP(modulate(LN(x), shift_m, scale_m)),
     the six (B, D) vectors from a zero-initialised Dense(6 D) of SiLU(c): the block is the identity at init.
-    Attention through ``ops.QKVAttention`` (fused qkv, ``jax.nn.dot_product_attention`` on "xla"); the MLP
+    Attention through ``ops.QKVAttention`` (head-major "split" qkv kernel (D, 3, D): whole heads per ``model``
+    shard for tensor parallelism; ``jax.nn.dot_product_attention`` on "xla"); the MLP
     is Dense(mlp_ratio D), tanh-GELU, Dense(D).
     """
 
@@ -121,7 +122,7 @@ class DiTBlock(nn.Module):
         x = x.astype(dtype)
 
         h = modulate(_layer_norm(dtype, "norm1")(x), shift_a, scale_a)
-        h = ops.QKVAttention(self.num_heads, _XAVIER, self.kernels, self.dtype, name="qkv")(h)
+        h = ops.QKVAttention(self.num_heads, _XAVIER, self.kernels, self.dtype, layout="split", name="qkv")(h)
         h = nn.Dense(d, kernel_init=_XAVIER, dtype=dtype, name="proj")(h)
         h = ops.Dropout(self.dropout, self.kernels)(h, deterministic=not train)
         x = x + gate_a[:, None, :] * h
