@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from diffjax.autoencoder import LOGVAR_RANGE, Posterior
 from diffjax.models import ops
-from diffjax.models.embeddings import check_int, default_init
+from diffjax.models.embeddings import check_int, check_levels, default_init
 from diffjax.models.unet import AttnBlock, Downsample, Upsample, default_num_groups
 
 __all__ = ["AutoencoderKL", "Encoder", "Decoder", "AEResBlock"]
@@ -152,14 +152,7 @@ class AutoencoderKL(nn.Module):
     def setup(self):
         check_int("channels", self.channels)
         check_int("latent_channels", self.latent_channels)
-        check_int("ch", self.ch)
-        if not self.ch_mult:
-            raise ValueError("ch_mult must be a non-empty tuple of positive ints; got ()")
-        for m in self.ch_mult:
-            check_int("ch_mult entry", m)
-        check_int("num_res_blocks", self.num_res_blocks)
-        for r in self.attn_resolutions:
-            check_int("attn_resolutions entry", r)
+        check_levels(self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions)
         ops.check_kernels(self.kernels)
         common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                       attn_resolutions=tuple(self.attn_resolutions), mid_attn=self.mid_attn, kernels=self.kernels,

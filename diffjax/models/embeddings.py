@@ -24,6 +24,7 @@ __all__ = [
     "default_init",
     "resolve_time_scale",
     "check_int",
+    "check_levels",
     "check_embedding_fields",
     "check_time",
     "TimeEmbedding",
@@ -90,6 +91,19 @@ def check_int(name: str, value, minimum: int = 1, optional: bool = False) -> Non
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         allowed = f"{'None or ' if optional else ''}an int >= {minimum}"
         raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+
+def check_levels(ch, ch_mult, num_res_blocks, attn_resolutions) -> None:
+    """Validate the level fields of a convolutional U-Net-like network (base width, per-level multipliers,
+    residual blocks per level, attention resolutions); the error names the offending field."""
+    check_int("ch", ch)
+    if len(tuple(ch_mult)) == 0:
+        raise ValueError("ch_mult must be a non-empty tuple of positive ints; got ()")
+    for m in ch_mult:
+        check_int("ch_mult entry", m)
+    check_int("num_res_blocks", num_res_blocks)
+    for r in attn_resolutions:
+        check_int("attn_resolutions entry", r)
 
 
 def check_embedding_fields(embedding, time_scale, fourier_scale, num_classes, dropout) -> None:

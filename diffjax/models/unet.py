@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffjax.models import ops
-from diffjax.models.embeddings import check_embedding_fields, check_int, conditioning, default_init
+from diffjax.models.embeddings import check_embedding_fields, check_int, check_levels, conditioning, default_init
 
 __all__ = ["UNet", "ResBlock", "AttnBlock", "Downsample", "Upsample", "default_num_groups"]
 
@@ -228,14 +228,7 @@ class UNet(nn.Module):
 
     # ---- validation -------------------------------------------------------------------------
     def _check_fields(self) -> None:
-        check_int("ch", self.ch)
-        if len(tuple(self.ch_mult)) == 0:
-            raise ValueError("ch_mult must be a non-empty tuple of positive ints; got ()")
-        for m in self.ch_mult:
-            check_int("ch_mult entry", m)
-        check_int("num_res_blocks", self.num_res_blocks)
-        for r in self.attn_resolutions:
-            check_int("attn_resolutions entry", r)
+        check_levels(self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions)
         check_int("num_heads", self.num_heads)
         check_int("head_channels", self.head_channels, optional=True)
         check_int("out_channels", self.out_channels, optional=True)
