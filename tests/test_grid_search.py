@@ -90,3 +90,19 @@ def test_bad_arguments_raise(problem):
                           (dict(method="ddim", num_steps=3, reference=jnp.zeros((3, 2))), "reference")):
         with pytest.raises(ValueError, match=field):
             optimise_grid(*args, **kwargs)
+
+
+def test_several_starts_and_a_stored_grid_refined_past_its_last_time(problem):
+    sched, x_train, ref = problem["sched"], problem["x_train"], problem["ref_train"]
+    stored = np.array([1.0, 0.8, 0.6, 0.4, 0.2, 0.0])  # e.g. a trailing grid; its last time before 0 is 0.2
+    kw = dict(method="ddim", num_steps=NUM_STEPS, reference=ref, sweeps=2)
+    ts_one, info_one = optimise_grid(problem["model_fn"], sched, x_train, init=stored, **kw)
+    # the free last point may move anywhere in (previous time, t_min], not only above the start's
+    assert ts_one[-2] < 0.2, ts_one
+    ts, info = optimise_grid(problem["model_fn"], sched, x_train, init=(stored, "logSNR"), **kw)
+    assert info["inits"] == [stored.tolist(), "logSNR"] and len(info["rms_searched"]) == 2
+    # each start is searched as on its own; the lowest training error wins
+    assert info["rms_searched"][0] == pytest.approx(info_one["rms"], rel=1e-6)
+    assert info["rms"] == min(info["rms_searched"]) <= info_one["rms"]
+    with pytest.raises(ValueError, match="init"):
+        optimise_grid(problem["model_fn"], sched, x_train, init=(), **kw)

@@ -37,6 +37,10 @@ def _mse(a, b):
     return jnp.mean(jnp.square(a - b))
 
 
+def _describe(init):
+    return init if isinstance(init, str) else [float(t) for t in np.asarray(init)]
+
+
 def grid_error(model_fn, schedule, x_T, reference, grid, *, method: str, prediction=None, cond=None,
                key=None, **options) -> float:
     """RMS distance of ``diffjax.sample(..., grid=grid)`` from ``reference`` (the endpoints of the same x_T)."""
@@ -74,14 +78,17 @@ def optimise_grid(
       reference: the exact endpoints of ``x_T``; default the PF-ODE by Tsit5 at rtol = atol = 1e-6.
       t_start, t_end: as for ``diffjax.sample`` (t_end = 0: the grid ends with the step to sigma = 0).
       init: the starting grid: a name (``diffjax.timesteps.make_grid``) or an array of ``num_steps + 1``
-        decreasing times from t_start (ending at 0 if t_end = 0, else at t_end), e.g. a stored grid to refine.
+        decreasing times from t_start (ending at 0 if t_end = 0, else at t_end), e.g. a stored grid to refine;
+        or a sequence of them: each is searched and the grid with the lowest error on ``x_T`` is returned
+        (the search is local, so several starts find better optima).
       sweeps, candidates, window, shrink: ``sweeps`` passes over the free points; each tries
         ``candidates`` positions (odd, so the current one is among them) spread over +- ``window``
         of the gap between its neighbours, the window multiplied by ``shrink`` after every pass.
 
     Returns:
       (ts, info): the grid (numpy, decreasing, ``num_steps + 1`` times) and its metadata (method,
-      options, num_steps, nfe, schedule, t_start, t_end, init, rms_init, rms, search settings).
+      options, num_steps, nfe, schedule, t_start, t_end, the chosen init and its rms_init, rms; every init
+      with its starting and searched rms; the search settings).
     """
     if method not in SAMPLERS:
         raise ValueError(f"method must be one of {tuple(SAMPLERS)}; got {method!r}")
@@ -123,19 +130,27 @@ def optimise_grid(
 
     # the grid's nonzero times, as lambda; lam[0] (t_start) is fixed, lam[-1] too unless it is free
     n_pts = num_steps if final_to_zero else num_steps + 1
-    if isinstance(init, str):
-        ts0 = make_grid(schedule, t_start, t_last, n_pts - 1, init)
-    else:
-        ts0 = np.asarray(init, np.float64)
-        check_grid(jnp.asarray(ts0))
-        if ts0.shape != (num_steps + 1,) or ts0[0] != t_start or ts0[-1] != float(t_end):
-            raise ValueError(f"init must be num_steps + 1 = {num_steps + 1} times from t_start = {t_start} to "
-                             f"t_end = {t_end}; got {ts0.shape[0]} from {ts0[0]} to {ts0[-1]}")
-        ts0 = jnp.asarray(ts0[:n_pts])
-        if final_to_zero and not float(ts0[-1]) >= t_last:
-            raise ValueError(f"init's last time before 0 must be >= schedule.t_min = {t_last}; got {float(ts0[-1])}")
-    lam = np.asarray(schedule.log_snr(ts0), np.float64)
-    lam_hi = lam[-1]  # the free last point stays at or above t_min (at or below lambda(t_min))
+    several = isinstance(init, (list, tuple)) and (len(init) == 0 or any(isinstance(i, str) or np.ndim(i) >= 1 for i in init))
+    inits = list(init) if several else [init]
+    if not inits:
+        raise ValueError("init must be a grid name, an array of times, or a non-empty sequence of them")
+
+    def start_lambdas(init):
+        if isinstance(init, str):
+            ts0 = make_grid(schedule, t_start, t_last, n_pts - 1, init)
+        else:
+            ts0 = np.asarray(init, np.float64)
+            check_grid(jnp.asarray(ts0))
+            if ts0.shape != (num_steps + 1,) or ts0[0] != t_start or ts0[-1] != float(t_end):
+                raise ValueError(f"init must be num_steps + 1 = {num_steps + 1} times from t_start = {t_start} to "
+                                 f"t_end = {t_end}; got {ts0.shape[0]} from {ts0[0]} to {ts0[-1]}")
+            ts0 = jnp.asarray(ts0[:n_pts])
+            if final_to_zero and not float(ts0[-1]) >= t_last:
+                raise ValueError(f"init's last time before 0 must be >= schedule.t_min = {t_last}; got {float(ts0[-1])}")
+        return np.asarray(schedule.log_snr(ts0), np.float64)
+
+    starts = [start_lambdas(i) for i in inits]  # every init is checked before any search runs
+    lam_hi = float(schedule.log_snr(t_last))  # the free last point stays at or above t_min (at or below lambda(t_min))
     free = list(range(1, n_pts - 1)) + ([n_pts - 1] if final_to_zero else [])
     key = jax.random.PRNGKey(0) if key is None else key
     opts = dict(options)
@@ -152,32 +167,41 @@ def optimise_grid(
         return jax.lax.map(lambda row: _mse(solve_grid(spec, denoiser, x_T, to_ts(row), key, cond, final_to_zero, opts)[0],
                                             reference), lam_rows)
 
-    loss_init = float(losses(jnp.asarray(lam[None], dtype))[0])
-    best = loss_init
     offsets = np.linspace(-1.0, 1.0, candidates)
-    w = window
-    for _ in range(sweeps):
-        for i in free:
-            lo, hi = lam[i - 1], (lam[i + 1] if i + 1 < n_pts else lam_hi)
-            gap = hi - lo
-            u0 = (lam[i] - lo) / gap
-            u_max = 1.0 if i == n_pts - 1 else 1.0 - 1e-3  # interior points stay strictly between neighbours
-            u = np.clip(u0 + w * offsets, 1e-3, u_max)
-            u[candidates // 2] = u0
-            rows = np.repeat(lam[None], candidates, axis=0)
-            rows[:, i] = lo + u * gap
-            vals = np.asarray(losses(jnp.asarray(rows, dtype)))
-            j = int(np.nanargmin(vals))
-            if vals[j] < best:
-                best, lam = float(vals[j]), rows[j]
-        w *= shrink
+
+    def search(lam):
+        best = float(losses(jnp.asarray(lam[None], dtype))[0])
+        w = window
+        for _ in range(sweeps):
+            for i in free:
+                lo, hi = lam[i - 1], (lam[i + 1] if i + 1 < n_pts else lam_hi)
+                gap = hi - lo
+                u0 = (lam[i] - lo) / gap
+                u_max = 1.0 if i == n_pts - 1 else 1.0 - 1e-3  # interior points stay strictly between neighbours
+                u = np.clip(u0 + w * offsets, 1e-3, u_max)
+                u[candidates // 2] = u0
+                rows = np.repeat(lam[None], candidates, axis=0)
+                rows[:, i] = lo + u * gap
+                vals = np.asarray(losses(jnp.asarray(rows, dtype)))
+                j = int(np.nanargmin(vals))
+                if vals[j] < best:
+                    best, lam = float(vals[j]), rows[j]
+            w *= shrink
+        return lam, best
+
+    loss_inits = [float(losses(jnp.asarray(l[None], dtype))[0]) for l in starts]
+    results = [search(l) for l in starts]
+    pick = int(np.argmin([b for _, b in results]))
+    lam, best = results[pick]
+    loss_init = loss_inits[pick]
     ts = np.asarray(to_ts(jnp.asarray(lam, dtype)))
     check_grid(jnp.asarray(ts))
     nfe = sample(denoiser, None, x_T, method=method, num_steps=num_steps, grid=ts, cond=cond, key=key,
                  return_nfe=True, **options)[1]
     info = dict(method=method, options={k: v for k, v in options.items()}, num_steps=int(num_steps), nfe=int(nfe),
                 schedule=repr(schedule), t_start=t_start, t_end=float(t_end),
-                init=init if isinstance(init, str) else [float(t) for t in np.asarray(init)],
+                init=_describe(inits[pick]), inits=[_describe(i) for i in inits],
+                rms_inits=[float(np.sqrt(l)) for l in loss_inits], rms_searched=[float(np.sqrt(b)) for _, b in results],
                 rms_init=float(np.sqrt(loss_init)), rms=float(np.sqrt(best)), n_train=int(x_T.shape[0]),
                 search=dict(kind="coordinate search in lambda", sweeps=sweeps, candidates=candidates,
                             window=window, shrink=shrink))
