@@ -13,4 +13,4 @@ from diffjax.samplers.edm import EDMSolver, edm_sampler
 from diffjax.samplers.ode import pf_ode
 from diffjax.samplers.sde import euler_maruyama, langevin_step, predictor_corrector
 from diffjax.samplers.trajectory import Trajectory, plot_nfe_error, plot_trajectory, trajectory_image
-from diffjax.samplers.unipc import UniPCMultistep, unipc
+from diffjax.samplers.unipc import UniPCAdaptive, UniPCMultistep, unipc, unipc_adaptive

@@ -27,7 +27,7 @@ from diffjax.samplers.dpm_solver import check_dpm_adaptive, dpm_adaptive, dpm_so
 from diffjax.samplers.edm import check_churn, edm_sampler
 from diffjax.samplers.ode import ODE_SOLVERS, is_adaptive, pf_ode
 from diffjax.samplers.trajectory import Trajectory, check_save_at
-from diffjax.samplers.unipc import check_unipc, unipc
+from diffjax.samplers.unipc import check_unipc, check_unipc_adaptive, unipc, unipc_adaptive
 from diffjax.samplers.sde import euler_maruyama, predictor_corrector
 from diffjax.schedules import DiscreteDDPM, Schedule, check_time
 from diffjax.timesteps import check_grid, discrete_subsequence, make_grid, parse_grid
@@ -145,6 +145,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpm_adaptive": SamplerSpec(dpm_adaptive, _never, "logSNR", frozenset({"order", "multistep", "rtol", "atol", "h_init",
                                                                  "max_steps"}),
                                 check_dpm_adaptive, log_snr_steps=True, adaptive=_always),
+    # adaptive UniPC: UniP-p predicts, UniC-p corrects with the evaluation at the predicted x_t, and their
+    # difference drives the same controller
+    "unipc_adaptive": SamplerSpec(unipc_adaptive, _never, "logSNR", frozenset({"order", "variant", "rtol", "atol",
+                                                                      "h_init", "max_steps"}),
+                                  check_unipc_adaptive, log_snr_steps=True, adaptive=_always, markov=False),
 }
 
 METHODS = tuple(SAMPLERS)  # the method names
@@ -288,8 +293,12 @@ def sample(
         True), ``lower_order_final`` (default True: order <= the intervals left, as diffusers)),
         ``dpm_adaptive`` (adaptive DPM-Solver-12 / -23, Lu et al. 2022 sec. 4.2, or with ``multistep=True``
         DPM-Solver++(2M) / (3M) with the lower-order solution as the error estimate; options ``order`` 2 | 3,
-        ``multistep``, ``rtol``, ``atol``, ``h_init``, ``max_steps``; only the grid's ends are used).
-      num_steps: solver steps (grid intervals); adaptive ``pf_ode`` and ``dpm_adaptive`` ignore it.
+        ``multistep``, ``rtol``, ``atol``, ``h_init``, ``max_steps``; only the grid's ends are used),
+        ``unipc_adaptive`` (UniP-p then UniC-p with the evaluation at the predicted point, their difference as
+        the error estimate, one evaluation per attempted step; options ``order`` 1-3 (default 3), ``variant``,
+        ``rtol``, ``atol``, ``h_init``, ``max_steps`` as ``dpm_adaptive``).
+      num_steps: solver steps (grid intervals); adaptive ``pf_ode``, ``dpm_adaptive`` and ``unipc_adaptive``
+        ignore it.
       key: PRNG key, required by stochastic methods.
       prediction: what ``model_fn`` predicts: eps (the default), x0, v, score or flow; with a
         Denoiser, omit it (a different one raises a ValueError).

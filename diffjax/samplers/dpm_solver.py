@@ -21,7 +21,7 @@ from diffjax.samplers.ancestral import ddim_step, nfe_stats
 from diffjax.schedules import Schedule, _is_concrete
 
 __all__ = ["DPMSolver", "DPMSolverAdaptive", "DPMSolverPPMultistep", "DPMSolverPPAdaptive", "dpm_solver", "dpm_adaptive",
-           "check_dpm_adaptive", "extrapolate_x0", "denoiser_term"]
+           "check_dpm_adaptive", "check_tolerances", "solve_adaptive", "extrapolate_x0", "denoiser_term"]
 
 _RESULTS = diffrax.RESULTS
 
@@ -266,6 +266,17 @@ def dpm_solver(denoiser: Callable, schedule: Schedule, x_T, ts, key=None, cond=N
     return sol.ys[0], stats
 
 
+def check_tolerances(options) -> None:
+    """Raise a ValueError naming a bad step-size control option of an adaptive solver (rtol, atol, h_init,
+    max_steps)."""
+    for name in ("rtol", "atol", "h_init"):
+        if name in options and _is_concrete(options[name]) and not options[name] > 0:
+            raise ValueError(f"{name} must be positive; got {options[name]!r}")
+    max_steps = options.get("max_steps", 1000)
+    if not isinstance(max_steps, (int, np.integer)) or isinstance(max_steps, bool) or max_steps <= 0:
+        raise ValueError(f"max_steps must be a positive integer; got {max_steps!r}")
+
+
 def check_dpm_adaptive(options):
     """Raise a ValueError naming a bad ``dpm_adaptive`` option (order, multistep, rtol, atol, h_init, max_steps)."""
     order = options.get("order", 3)
@@ -273,12 +284,18 @@ def check_dpm_adaptive(options):
         raise ValueError(f"order must be 2 (DPM-Solver-12) or 3 (DPM-Solver-23); got {order!r}")
     if not isinstance(options.get("multistep", False), bool):
         raise ValueError(f"multistep must be a bool; got {options['multistep']!r}")
-    for name in ("rtol", "atol", "h_init"):
-        if name in options and _is_concrete(options[name]) and not options[name] > 0:
-            raise ValueError(f"{name} must be positive; got {options[name]!r}")
-    max_steps = options.get("max_steps", 1000)
-    if not isinstance(max_steps, (int, np.integer)) or isinstance(max_steps, bool) or max_steps <= 0:
-        raise ValueError(f"max_steps must be a positive integer; got {max_steps!r}")
+    check_tolerances(options)
+
+
+def solve_adaptive(solver, denoiser: Callable, schedule: Schedule, x_T, ts, cond, *, rtol, atol, h_init, max_steps):
+    """``solver`` in lambda from ts[0] to ts[-1] under ``diffrax.PIDController(rtol, atol)`` from h = ``h_init``:
+    (x at ts[-1], attempted steps, rejected ones included)."""
+    lams = schedule.log_snr(ts)
+    sol = diffrax.diffeqsolve(denoiser_term(denoiser, schedule), solver,
+                              t0=lams[0], t1=lams[-1], dt0=h_init, y0=x_T, args=cond,
+                              stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+                              saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
+    return sol.ys[0], sol.stats["num_steps"]
 
 
 def dpm_adaptive(denoiser: Callable, schedule: Schedule, x_T, ts, key=None, cond=None, *, order: int = 3,
@@ -297,10 +314,7 @@ def dpm_adaptive(denoiser: Callable, schedule: Schedule, x_T, ts, key=None, cond
     """
     check_dpm_adaptive(dict(order=order, multistep=multistep, rtol=rtol, atol=atol, h_init=h_init,
                             max_steps=max_steps))
-    lams = schedule.log_snr(ts)
     solver = DPMSolverPPAdaptive(schedule, order) if multistep else DPMSolverAdaptive(schedule, order)
-    sol = diffrax.diffeqsolve(denoiser_term(denoiser, schedule), solver,
-                              t0=lams[0], t1=lams[-1], dt0=h_init, y0=x_T, args=cond,
-                              stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-                              saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
-    return sol.ys[0], nfe_stats(sol.stats["num_steps"], 1 if multistep else order)
+    x, steps = solve_adaptive(solver, denoiser, schedule, x_T, ts, cond, rtol=rtol, atol=atol, h_init=h_init,
+                              max_steps=max_steps)
+    return x, nfe_stats(steps, 1 if multistep else order)

@@ -8,6 +8,13 @@ The state passed between steps is the predictor's output; the last corrected sta
 outputs and their log-SNRs live in diffrax's ``solver_state``. The model output is the x0 prediction
 (``predict_x0``, UniPC's data-prediction form, diffusers' default) or the eps prediction. B(h) is ``bh1``
 (B(h) = h) or ``bh2`` (B(h) = e^h - 1), with hh = -h for x0 and h for eps (UniPC sec. 3).
+
+``UniPCAdaptive`` orders each step the other way round for step-size control: predict x_t with UniP-p,
+evaluate the model there, correct x_t with UniC-p. The corrector has order p + 1, so UniC - UniP estimates
+the predictor's local error from the evaluation at the step's end (a predictor-corrector pair, Milne's
+device), where the (k-1)M estimate of an adaptive DPM-Solver++ sees only the history before the step.
+The step's result is the corrected x_t (local extrapolation), and its evaluation is the next step's history:
+one evaluation per attempted step, plus one at the start.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ import equinox as eqx
 import jax.numpy as jnp
 
 from diffjax.samplers.ancestral import nfe_stats
-from diffjax.samplers.dpm_solver import _LambdaSolver, denoiser_term
+from diffjax.samplers.dpm_solver import _RESULTS, _LambdaSolver, check_tolerances, denoiser_term, solve_adaptive
 from diffjax.schedules import Schedule
 
-__all__ = ["UniPCMultistep", "unipc", "VARIANTS", "check_unipc"]
+__all__ = ["UniPCMultistep", "UniPCAdaptive", "unipc", "unipc_adaptive", "VARIANTS", "check_unipc",
+           "check_unipc_adaptive"]
 
 VARIANTS = ("bh1", "bh2")
 _HIST = 3  # model outputs kept: the UniC-3 corrector reads three before the new one
@@ -178,3 +186,54 @@ def unipc(denoiser: Callable, schedule: Schedule, x_T, ts, key=None, cond=None, 
     if save_steps:
         stats["states"] = jnp.concatenate(states) if states else jnp.zeros((0,) + x.shape, x.dtype)
     return x, stats
+
+
+class UniPCAdaptive(UniPCMultistep):
+    """UniP-p predictor, then UniC-p corrector with the evaluation at the predicted x_t; the error estimate is
+    their difference (module docstring). Variable steps: the coefficients are solved for the actual lambdas."""
+
+    def error_order(self, terms):
+        # UniC - UniP is the predictor's local error, O(h^(p+1))
+        return self.solver_order + 1
+
+    def init(self, terms, t0, t1, y0, args):
+        # (model outputs m_0, m_-1, m_-2 with m_0 at the current state, their lambdas, steps taken); the
+        # placeholder lambdas differ so that unused coefficient solves stay finite
+        lams = t0 - jnp.arange(_HIST, dtype=jnp.result_type(t0))
+        ms = jnp.zeros((_HIST,) + y0.shape, y0.dtype).at[0].set(self._model(terms, t0, y0, args))
+        return ms, lams, jnp.array(0)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        ms, lams, count = solver_state
+        p_now = jnp.minimum(self.solver_order, count + 1)  # warm-up on the outputs there are
+        x_pred = self._predict(y0, t0, t1, ms[0], ms[1:], lams[1:], 1)
+        for p in range(2, self.solver_order + 1):
+            x_pred = jnp.where(p_now == p, self._predict(y0, t0, t1, ms[0], ms[1:], lams[1:], p), x_pred)
+        m_t = self._model(terms, t1, x_pred, args)
+        x_corr = self._correct(y0, t0, t1, m_t, ms, lams, 1)
+        for p in range(2, self.solver_order + 1):
+            x_corr = jnp.where(p_now == p, self._correct(y0, t0, t1, m_t, ms, lams, p), x_corr)
+        state = (jnp.concatenate([m_t[None], ms[:-1]]), jnp.concatenate([t1[None], lams[:-1]]), count + 1)
+        return x_corr, x_corr - x_pred, dict(y0=y0, y1=x_corr), state, _RESULTS.successful
+
+
+def check_unipc_adaptive(options) -> None:
+    """ValueError naming a bad ``unipc_adaptive`` option (order, variant, rtol, atol, h_init, max_steps)."""
+    check_unipc(dict(options, order=options.get("order", 3)))
+    check_tolerances(options)
+
+
+def unipc_adaptive(denoiser: Callable, schedule: Schedule, x_T, ts, key=None, cond=None, *, order: int = 3,
+                   variant: str = "bh2", rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05,
+                   max_steps: int = 1000):
+    """Adaptive UniPC-``order`` (x0 form) from ts[0] to ts[-1], steps in lambda from h = ``h_init`` under
+    ``diffrax.PIDController(rtol, atol)``: a step is accepted when the RMS over the whole batch of
+    (UniC - UniP) / (atol + rtol max(|x_s|, |x_t|)) is < 1. Only the grid's ends are used; ``key`` is unused.
+    Returns (x, stats), stats["nfe"] = 1 + attempted steps (rejected ones included); more than ``max_steps``
+    steps raise an error.
+    """
+    check_unipc_adaptive(dict(order=order, variant=variant, rtol=rtol, atol=atol, h_init=h_init, max_steps=max_steps))
+    solver = UniPCAdaptive(schedule, order, variant)
+    x, steps = solve_adaptive(solver, denoiser, schedule, x_T, ts, cond, rtol=rtol, atol=atol, h_init=h_init,
+                              max_steps=max_steps)
+    return x, nfe_stats(steps, 1, at_init=1)
