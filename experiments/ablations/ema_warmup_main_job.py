@@ -18,6 +18,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 
 
+# digits.py's U-Net and step count when this was measured (before 2026-12-07)
+MEASURED_UNET = ("--config.model.num_res_blocks=2", "--config.model.attn_resolutions=(4,)", "--config.training.num_steps=600")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--on", required=True, help="workdir of the run with the warm-up")
@@ -32,7 +36,7 @@ def main():
     for workdir, warmup in ((args.on, True), (args.off, False)):
         if not os.path.exists(os.path.join(workdir, "metrics.json")):
             subprocess.run([sys.executable, "-m", "diffjax.main", "--config", config, "--workdir", workdir,
-                            "--noprogress", f"--config.optim.ema_warmup={warmup}"], check=True)
+                            "--noprogress", f"--config.optim.ema_warmup={warmup}", *MEASURED_UNET], check=True)
     ev = evaluators.digits_evaluator()
     ref = ev.features(real_split("train")[0])
     for name, workdir in (("warm-up on", args.on), ("warm-up off", args.off)):

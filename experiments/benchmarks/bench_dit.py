@@ -52,14 +52,15 @@ CONFIGS = os.path.join(ROOT, "experiments", "configs")
 LOCK = "/tmp/cpu.lock"
 
 # name -> (config file, overrides of config fields)
-# the figures in BENCHMARKS.md were measured before digits.py turned the EMA warm-up on
+# the figures in BENCHMARKS.md were measured before digits.py's EMA warm-up and one-block attention-free U-Net
 MAIN = {
-    "unet": ("digits.py", {"optim.ema_warmup": False}),
+    "unet": ("digits.py", {"optim.ema_warmup": False, "model.num_res_blocks": 2, "model.attn_resolutions": (4,)}),
     "dit": ("digits_dit.py", {"optim.ema_warmup": False}),
 }
 # timed beside MAIN, not trained: one step per jitted call (bench_train.py's "train step" row)
 STEP_ONLY = {
-    "unet 1 step per call": ("digits.py", {"training.steps_per_call": 1}),
+    "unet 1 step per call": ("digits.py", {"training.steps_per_call": 1, "model.num_res_blocks": 2,
+                                           "model.attn_resolutions": (4,)}),
     "dit 1 step per call": ("digits_dit.py", {"training.steps_per_call": 1}),
 }
 # DiT recipes: the config's, then one change each

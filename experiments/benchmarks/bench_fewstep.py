@@ -47,6 +47,10 @@ RUNS = {
     "rf1": ("digits_flow.py", None),
     "rf2": ("digits_reflow.py", "rf1"),
 }
+# BENCHMARKS.md's figures were measured with digits.py's U-Net, step count and EMA before 2026-12-07; the
+# students are the teacher's network (ct and the flows pin the same in their configs)
+PINNED = ("--config.model.num_res_blocks=2", "--config.model.attn_resolutions=(4,)", "--config.optim.ema_warmup=False")
+RUN_FLAGS = {"teacher": PINNED + ("--config.training.num_steps=600",), "pd": PINNED, "cd": PINNED}
 TEACHER_NFE = (1, 2, 4, 8, 20, 50)
 # the few-step methods the 1-2 NFE target is about; 1-rectified flow is plain flow matching, the base model that
 # reflow straightens (shown for comparison, like the teacher)
@@ -67,7 +71,7 @@ def train_run(root, name, extra_flags=()):
     if not os.path.exists(metrics_path):
         config, teacher = RUNS[name]
         cmd = [sys.executable, "-m", "diffjax.main", "--config", os.path.join(CONFIGS, config), "--workdir", workdir,
-               "--noprogress", *extra_flags]
+               "--noprogress", *RUN_FLAGS.get(name, ()), *extra_flags]
         if teacher is not None:
             cmd.append(f"--config.distill.teacher_workdir={os.path.join(root, teacher)}")
         print("$", " ".join(cmd), flush=True)

@@ -9,6 +9,10 @@ parameterization (``diffjax.consistency``); the CM paper's CIFAR-10 CD settings 
 N = 18 Karras boundaries (rho = 7, s in [0.002, s(t_max)] with s = sigma / alpha), target EMA mu = 0.95,
 squared L2 (LPIPS needs a downloaded VGG), one DDIM teacher step (Heun costs a second teacher pass per step).
 Samples with one consistency step; ``--config.sample.num_steps=2`` gives the two-step sampler.
+
+The student's network is the teacher's (``digits.py``'s U-Net); BENCHMARKS.md's figures were measured on a teacher
+with digits.py's U-Net before 2026-12-07: add ``--config.model.num_res_blocks=2 --config.model.attn_resolutions='(4,)'``
+to the teacher's and the student's runs to reproduce them (``experiments/benchmarks/bench_fewstep.py`` does).
 """
 
 import os

@@ -24,4 +24,5 @@ def get_config():
     c.training.max_train_seconds = 720.0  # the digits task's 15-minute budget, sampling included
     c.training.checkpoint_every = 500
     c.optim.ema_warmup = False  # digits.py's warm-up came later: BENCHMARKS.md's figures for this config are without it
+    c.model.num_res_blocks, c.model.attn_resolutions = 2, (4,)  # digits.py's U-Net before 2026-12-07, as measured
     return c

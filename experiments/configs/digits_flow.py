@@ -31,4 +31,5 @@ def get_config():
     c.sample.num_steps = 20
     c.training.num_steps = 1500
     c.optim.ema_warmup = False  # digits.py's warm-up came later: BENCHMARKS.md's figures for this config are without it
+    c.model.num_res_blocks, c.model.attn_resolutions = 2, (4,)  # digits.py's U-Net before 2026-12-07, as measured
     return c

@@ -25,4 +25,6 @@ def get_config():
     c.latent = latent_section("runs/digits_ae")
     c.data.dequantize = False  # the autoencoder's inputs, as it was trained
     c.optim.ema_warmup = False  # digits.py's warm-up came later: BENCHMARKS.md's figures for this config are without it
+    c.model.num_res_blocks, c.model.attn_resolutions = 2, (4,)  # digits.py's U-Net before 2026-12-07, as measured
+    c.training.num_steps = 600  # digits.py's before 2026-12-07, as measured
     return c

@@ -11,6 +11,10 @@ truncated-SNR weight. Five stages of 240 updates at batch 128 (five per jitted c
 the student of 32 / 2^k DDIM steps on the trailing grid, and ``diffjax.load_run(workdir, step=240 * k).sample(n)``
 samples it with them by default. The learning rate is above the paper's 5e-5 to 1e-4, whose 50k updates per
 stage are ~200x ours.
+
+The student's network is the teacher's (``digits.py``'s U-Net); BENCHMARKS.md's figures were measured on a teacher
+with digits.py's U-Net before 2026-12-07: add ``--config.model.num_res_blocks=2 --config.model.attn_resolutions='(4,)'``
+to the teacher's and the student's runs to reproduce them (``experiments/benchmarks/bench_fewstep.py`` does).
 """
 
 import os
