@@ -87,15 +87,15 @@ def run_diffjax(budget, workdir, nfe, num_samples, sample_seeds, seed, overrides
 
 
 def run_peer(name, budget, workdir, nfe, num_samples, sample_seeds, train_images, seed, max_steps=None):
-    from diffjax.config import base
+    from experiments.configs.digits import get_config
 
-    c = base()
+    c = get_config()  # the framework peer mirrors the digits config's architecture and optimiser
     np.save(os.path.join(workdir, "train.npy"), train_images)
     # the framework peer reads diffjax's settings; the recipe peer has its own and reads only the run fields
     spec = dict(train_path=os.path.join(workdir, "train.npy"), budget_seconds=budget, max_steps=max_steps, seed=seed,
                 sample_seeds=sample_seeds, num_samples=num_samples, nfe=nfe, batch_size=c.training.batch_size,
                 learning_rate=c.optim.learning_rate, warmup_steps=c.optim.warmup_steps, grad_clip=c.optim.grad_clip,
-                ema_decay=c.optim.ema_decay, ch=c.model.ch, ch_mult=list(c.model.ch_mult),
+                ema_decay=c.optim.ema_decay, ema_warmup=c.optim.ema_warmup, ch=c.model.ch, ch_mult=list(c.model.ch_mult),
                 num_res_blocks=c.model.num_res_blocks, attn_resolutions=list(c.model.attn_resolutions),
                 dropout=c.model.dropout, resolution=8, channels=1)
     path, out = os.path.join(workdir, "spec.json"), os.path.join(workdir, "peer")
@@ -149,8 +149,10 @@ def main(argv=None):
                    help="one draw of --num-samples per seed; the draws are also pooled (5 x 1000 by default)")
     p.add_argument("--train-seeds", default="0,1")
     p.add_argument("--contenders", default="diffjax,diffusers-recipe,diffusers-framework")
-    p.add_argument("--append", action="store_true", help="add rows to results/bench_quality.json instead of "
-                   "starting it afresh (a grid run in parts)")
+    p.add_argument("--results", default=OUT_JSON, help="the rows' JSON file (default results/bench_quality.json)")
+    p.add_argument("--section", default="quality", help="BENCHMARKS.md section written by --write-benchmarks")
+    p.add_argument("--append", action="store_true", help="add rows to --results instead of starting it afresh "
+                   "(a grid run in parts)")
     p.add_argument("--render-only", action="store_true", help="render results/bench_quality.json, train nothing")
     p.add_argument("--notes", default=None, help="a Markdown file appended under the table in the section")
     p.add_argument("--write-benchmarks", action="store_true")
@@ -170,7 +172,7 @@ def main(argv=None):
         ref = evaluator.features(train_x)
         floor = float(metrics.frechet_distance_from_features(evaluator.features(test_x), ref))
         sample_seeds = [int(s) for s in args.sample_seeds.split(",")]
-        done = json.load(open(OUT_JSON)) if args.append and os.path.exists(OUT_JSON) else dict(rows=[])
+        done = json.load(open(args.results)) if args.append and os.path.exists(args.results) else dict(rows=[])
         done.update(floor=floor, n_floor=len(test_x), num_samples=args.num_samples, nfe=args.nfe,
                     sample_seeds=args.sample_seeds)
         os.makedirs(RESULTS, exist_ok=True)
@@ -180,9 +182,9 @@ def main(argv=None):
                 for name in contenders:
                     done["rows"].append(run_cell(name, budget, seed, args, sample_seeds, evaluator, ref, train_x,
                                                  len(test_x)))
-                    json.dump(done, open(OUT_JSON, "w"), indent=2)
+                    json.dump(done, open(args.results, "w"), indent=2)
                     print(json.dumps(done["rows"][-1]), flush=True)
-    done = json.load(open(OUT_JSON))
+    done = json.load(open(args.results))
     table = render(done)
     if args.notes:
         table += "\n\n" + open(args.notes).read().strip()
@@ -190,7 +192,7 @@ def main(argv=None):
     if args.write_benchmarks:
         from experiments.benchmarks.benchlib import write_section
 
-        write_section("quality", table, "python experiments/benchmarks/bench_quality.py " + " ".join(argv or sys.argv[1:]))
+        write_section(args.section, table, "python experiments/benchmarks/bench_quality.py " + " ".join(argv or sys.argv[1:]))
 
 
 def render(done) -> str:

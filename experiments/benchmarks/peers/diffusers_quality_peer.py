@@ -63,8 +63,10 @@ def main():
         torch.nn.utils.clip_grad_norm_(params, spec["grad_clip"])
         opt.step()
         lr_sched.step()
+        # diffjax's EMA, with its warm-up decay min(d, (1 + n) / (10 + n)) when the config has it on
+        decay = min(spec["ema_decay"], (1 + steps) / (10 + steps)) if spec.get("ema_warmup") else spec["ema_decay"]
         with torch.no_grad():
-            torch._foreach_lerp_(ema, params, 1.0 - spec["ema_decay"])
+            torch._foreach_lerp_(ema, params, 1.0 - decay)
         steps += 1
     train_seconds = time.perf_counter() - t0
 
