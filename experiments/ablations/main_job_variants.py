@@ -1,7 +1,7 @@
 """The digits main job (README command 1) under config variants: Fréchet distance, test bits/dim and wall time.
 
     python experiments/ablations/main_job_variants.py --root runs/main_variants \\
-        --variant "default=" --variant "nrb1=model.num_res_blocks=1" --write-benchmarks
+        --variant "default=" --variant "noattn_600=model.num_res_blocks=2+training.num_steps=600" --write-benchmarks
 
 Each variant is ``NAME=field=value+field=value...`` (empty: the digits config as it is). Its run trains
 ``python -m diffjax.main --config experiments/configs/digits.py`` with those overrides into ``ROOT/NAME``
