@@ -7,8 +7,9 @@
 Writes into the workdir: ``checkpoints/`` (orbax, keep-last-N), ``loss_history.csv``,
 ``tensorboard/`` (scalars and the sample grid), ``samples.png``, ``loss_curve.png`` and
 ``metrics.json`` (final_loss, steps_per_sec, test_bpd, ...);
-``--compilation_cache_dir DIR`` (or ``config.training.compilation_cache_dir``) keeps JAX's compiled programs
-on disk, so a second run with the same config skips most of its compilation; with ``--noprogress`` a line (step, loss,
+JAX's compiled programs are kept on disk in ``~/.cache/diffjax/jax`` (``--compilation_cache_dir DIR`` or
+``config.training.compilation_cache_dir``; ``''`` turns it off), so a second run with the same config skips most
+of its compilation; with ``--noprogress`` a line (step, loss,
 steps/s) every ``training.log_every`` steps on stdout. Running it again with the same ``--workdir``
 resumes from the last checkpoint; ``diffjax.load_run(workdir)`` loads the run from Python. This module
 defines its flags only when run as a program, so importing it has no side effects. A multi-host run starts every process with this
@@ -52,7 +53,7 @@ CACHE_MIN_COMPILE_SECONDS = 0.0
 
 
 def set_compilation_cache(path):
-    """Point JAX's persistent compilation cache at ``path`` (None or '': leave JAX's setting, off by default), so a
+    """Point JAX's persistent compilation cache at ``path`` (None or '': leave JAX's setting, off), so a
     later run of the same job loads its compiled programs from disk instead of compiling them. Called by the
     program only: importing diffjax changes no global JAX setting."""
     if not path:

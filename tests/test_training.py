@@ -221,9 +221,10 @@ def test_none_overrides_switch_off_optional_fields_only():
 
 
 def test_main_job_writes_its_files_and_resumes(tmp_path):
-    """The CLI end to end on a tiny digits model: files, metrics.json keys, and resume on rerun."""
-    workdir = str(tmp_path / "run")
-    args = [sys.executable, "-m", "diffjax.main", "--workdir", workdir, "--noprogress",
+    """The CLI end to end on a tiny digits model: files, metrics.json keys, the persistent compilation cache
+    (written by the first run), and resume on rerun."""
+    workdir, cache = str(tmp_path / "run"), tmp_path / "jax_cache"
+    args = [sys.executable, "-m", "diffjax.main", "--workdir", workdir, "--noprogress", f"--compilation_cache_dir={cache}",
             "--config.model.ch=8", "--config.model.num_res_blocks=1", "--config.model.dropout=0.0",
             "--config.training.batch_size=16", "--config.diffusion.min_snr_gamma=None",
             "--config.training.log_every=2", "--config.training.checkpoint_every=2",
@@ -236,6 +237,7 @@ def test_main_job_writes_its_files_and_resumes(tmp_path):
     with open(os.path.join(workdir, "metrics.json")) as f:
         m = json.load(f)
     assert m["step"] == 4 and "final_loss" in m and "steps_per_sec" in m
+    assert len(list(cache.iterdir())) > 3, "the CLI did not write its compiled programs to --compilation_cache_dir"
     for name in ("samples.png", "loss_curve.png", "loss_history.csv", "tensorboard", "checkpoints"):
         assert os.path.exists(os.path.join(workdir, name)), name
     subprocess.run(args + ["--config.training.num_steps=6"], check=True, cwd=REPO, env=env,
