@@ -10,7 +10,10 @@ this machine, one at a time (each training seed's contenders at one budget run t
 * ``diffjax``: ``python -m diffjax.main --config experiments/configs/digits.py`` with
   ``training.max_train_seconds`` = budget (the clock includes jit compilation) and no step limit,
   then the run's sampler (DPM-Solver++ 2M) at ``--nfe`` steps. ``diffjax+a.b=v+...`` adds config
-  overrides (e.g. ``diffjax+optim.ema_warmup=False``: the ablation of one field);
+  overrides (e.g. ``diffjax+optim.ema_warmup=False``: the ablation of one field). The CLI keeps its
+  compiled programs in JAX's persistent cache (``~/.cache/diffjax/jax`` by default), so with ``--prewarm``
+  (5 steps of each diffjax contender before the cells) ``diffjax`` is a user's second run of the job, and
+  ``diffjax+training.compilation_cache_dir=`` (cache off) is the first run, compiling inside its budget;
 * ``diffusers-recipe``: diffusers' own recipe as a user runs it (``peers/diffusers_recipe_peer.py``:
   plain ``UNet2DModel`` (32, 64, 64), DDPM linear eps-MSE, AdamW 1e-3, ``EMAModel`` 0.999 with warm-up,
   clock from the first step), ``DPMSolverMultistepScheduler`` at ``--nfe`` steps;
