@@ -10,7 +10,7 @@
   distance of 1000 samples (experiments/ablate_recipe.py, BENCHMARKS.md "Training recipe") fell from 39.8 / 35.1 to
   28.2 / 24.3 after 400 steps (training seeds 0 / 1) and from 4.0 / 3.9 to 3.3 / 2.7 after 2100
   (the diffusers peer: 3.6 / 3.6);
-* five train steps fused per jitted call (``lax.scan``; 600, 50 and 500 steps are multiples of 5):
+* five train steps fused per jitted call (``lax.scan``; 900, 50 and 500 steps are multiples of 5):
   ~10% more steps/s on 2 CPU cores than one step per call (experiments/bench_train.py, "4 per
   call" rows in BENCHMARKS.md). ``base()`` keeps one step per call so that any
   ``num_steps``/``log_every`` override stays valid;
