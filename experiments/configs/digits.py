@@ -14,7 +14,7 @@
   ~10% more steps/s on 2 CPU cores than one step per call (experiments/bench_train.py, "4 per
   call" rows in BENCHMARKS.md). ``base()`` keeps one step per call so that any
   ``num_steps``/``log_every`` override stays valid;
-* EMA warm-up (decay min(0.995, (1 + n) / (10 + n)), as diffusers' ``EMAModel`` and score_sde): without it
+* EMA warm-up (decay min(ema_decay, (1 + n) / (10 + n)), as diffusers' ``EMAModel`` and score_sde): without it
   the EMA of a short run still carries 0.995^n of the random initialisation (5% after the 600 steps, 76%
   after 55). Measured on this job (training seed 0, 2026-12-07): Fréchet distance of 1000 samples 9.06
   [8.74, 9.61] vs 11.49 [10.35, 12.21] (3 draws; floor 10.65) and test 5.70 +- 0.02 vs 5.90 +- 0.02
