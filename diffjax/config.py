@@ -99,9 +99,8 @@ def base():
     t.checkpoint_every = 500
     t.max_to_keep = 3
     # JAX's persistent compilation cache ('' or None: off): compiled programs kept in this directory and
-    # loaded by later runs of the same job (a warm cache takes the digits job's start from ~15 s of
-    # compilation to ~3 s, BENCHMARKS.md "Quality per compute"); set by diffjax.main (the CLI) only, not by
-    # importing diffjax
+    # loaded by later runs of the same job (BENCHMARKS.md "Quality per compute" measures the saving); set by
+    # diffjax.main (the CLI) only, not by importing diffjax
     t.compilation_cache_dir = config_dict.FieldReference("~/.cache/diffjax/jax", field_type=str)
     # device mesh (diffjax.sharding): batch split over data x fsdp; large parameters (and their Adam
     # moments and EMA) split over fsdp (ZeRO-3) and on their output features over model; -1 fills

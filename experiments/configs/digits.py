@@ -41,8 +41,8 @@ def get_config():
     c.training.steps_per_call = 5
     c.optim.ema_warmup = True
     # decay 0.999 once the warm-up passes it: the warm-up (1 + n) / (10 + n) stays below 0.995 until step
-    # 1791, so runs up to there (the 900-step main job, 60 s and 120 s budgets) are unchanged; after 600 s
-    # (~4800 steps) FD extrapolated 0.68 vs 1.12 with 0.995 (2 seeds; BENCHMARKS.md "Quality per compute")
+    # 1791, so runs up to there (the 900-step main job) are unchanged and longer ones average over a longer
+    # horizon (the 600 s rows of BENCHMARKS.md "Quality per compute")
     c.optim.ema_decay = 0.999
     c.model.resblock_updown = True  # the U-Net's default, named here so that it can be ablated from the command line
     c.model.num_res_blocks = 1
